@@ -1,0 +1,113 @@
+"""`curate` command line: run recipes, list stages, inspect run directories."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+
+from curate.cache import DEFAULT_CACHE_PATH
+from curate.errors import UserError
+
+
+class _UserErrorsAsOneLine(click.Group):
+    """User mistakes print one line and exit 2; bugs keep their traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: committed batches are kept; run the same command again to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_UserErrorsAsOneLine)
+@click.version_option(package_name="curate")
+def main() -> None:
+    """Curate tool-use trajectories into SFT and RL shards, and train on them."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, help="Input file(s), replacing the recipe's (repeatable).")
+@click.option("--format", "format_name", help="Reader for the inputs (default: sniffed per file).")
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), help="Run directory [runs/<recipe name>].")
+@click.option("--local", is_flag=True, help="Use the recipe's `local` profile (CPU backends, local judge).")
+@click.option("--profile", help="Use another named profile of the recipe.")
+@click.option("--executor", type=click.Choice(["local"]), default="local", show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes for CPU stages.")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
+              help="SQLite cache of probe and judge results, shared across runs.")
+@click.option("--force", is_flag=True, help="Discard an existing run directory of a different recipe.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs, CI).")
+def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir: Path | None, local: bool,
+        profile: str | None, executor: str, workers: int, cache_path: Path, force: bool, no_progress: bool) -> None:
+    """Run RECIPE; rerunning on the same run directory resumes it."""
+    from curate.executor import LocalExecutor
+    from curate.recipe import load_recipe
+
+    if local and profile:
+        raise UserError("--local is the `local` profile; pass either --local or --profile")
+    loaded = load_recipe(recipe, profile="local" if local else profile, input_paths=list(inputs), format_name=format_name)
+    run_dir = run_dir or Path("runs") / loaded.name
+    manifest = LocalExecutor(loaded, run_dir, workers=workers, cache_path=cache_path, progress=not no_progress).run(force)
+    click.echo(funnel_table(manifest))
+    click.echo(
+        f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept ({run_dir / 'kept'}),"
+        f" {manifest['rejected_rows']} rejected ({run_dir / 'rejected'})"
+    )
+
+
+@main.command()
+def stages() -> None:
+    """List the registered stages and their options."""
+    from curate.registry import stage_classes
+
+    for name, cls in sorted(stage_classes().items()):
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        where = "workers" if cls().runs_in_workers() else "driver"
+        click.echo(f"{name}  [{where}, batch {cls.batch_size}]  {summary}")
+        for option, info in cls.Options.model_fields.items():
+            default = "required" if info.is_required() else f"default {info.default!r}"
+            click.echo(f"    {option} ({default}): {info.description or ''}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def inspect(run_dir: Path) -> None:
+    """Print the funnel and rejection reasons of RUN_DIR."""
+    from curate.rundir import RunDir
+
+    manifest = RunDir(run_dir).manifest()
+    click.echo(funnel_table(manifest))
+    reasons = pl.DataFrame(
+        [
+            {"stage": stage["name"], "reason": reason, "rows": count}
+            for stage in manifest["stages"]
+            for reason, count in stage["reasons"].items()
+        ],
+        schema={"stage": pl.String, "reason": pl.String, "rows": pl.Int64},
+    )
+    click.echo(_render(reasons))
+
+
+def funnel_table(manifest: dict[str, Any]) -> str:
+    frame = pl.DataFrame(
+        [
+            {"stage": s["name"], "in": s["in"], "kept": s["kept"], "rejected": s["rejected"], "seconds": s["seconds"]}
+            for s in manifest["stages"]
+        ]
+    )
+    return _render(frame)
+
+
+def _render(frame: pl.DataFrame) -> str:
+    with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_width_chars=120,
+                   fmt_str_lengths=80):
+        return str(frame)

@@ -1,0 +1,302 @@
+"""The local executor: stream the input in batches through the recipe's stages.
+
+One loop owns what every stage shares: batching, statistics, progress bars,
+the rejected-sample writer, commits and resume. Stages that only need CPU run
+in `workers` processes, a batch per worker, so parsing and filtering overlap;
+stateful, GPU and network stages run once, in this process, on each batch in
+input order. At most `2 * workers` batches are in flight, so memory does not
+grow with the input.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.util
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from curate.cache import DEFAULT_CACHE_PATH
+from curate.formats import Format, MalformedRow, count_records, get_format, raw_text, records, sniff_format
+from curate.recipe import Recipe, StageSpec
+from curate.rundir import Rejection, RunDir, RunState, StageStats, fingerprint
+from curate.sample import Sample, content_id
+from curate.stage import Stage, StageContext
+
+READ_STAGE = "read"
+
+
+class StageError(RuntimeError):
+    """A stage raised; the batch is not committed, so rerunning resumes before it."""
+
+
+@dataclass(frozen=True)
+class SourceReader:
+    """One input file and the format that parses its rows."""
+
+    path: Path
+    format_name: str
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.format_name)
+
+
+@dataclass
+class BatchResult:
+    kept: list[Sample]
+    rejected: list[Rejection]
+    stats: dict[str, StageStats]
+
+
+Row = tuple[int, int, Any]  # (source index, row index in that file, raw record)
+
+
+# --- pure functions shared by the driver and the workers --------------------
+
+
+def parse_rows(sources: list[SourceReader], rows: list[Row]) -> BatchResult:
+    """Raw rows -> Samples; a row that cannot be parsed is rejected by the `read` stage as `malformed`."""
+    started = time.perf_counter()
+    kept: list[Sample] = []
+    rejected: list[Rejection] = []
+    for source_index, row_index, record in rows:
+        source = sources[source_index]
+        origin = {"file": source.path.name, "row": row_index}
+        try:
+            sample = source.format.parse(record, source.path.parent)
+        except MalformedRow as exc:
+            raw = raw_text(record)
+            bad = Sample(id=content_id(source.path.name, row_index, raw), source=source.path.name, meta={"input": origin, "raw": raw})
+            rejected.append(Rejection(bad, READ_STAGE, "malformed", f"{source.path.name} row {row_index}: {exc}"))
+            continue
+        sample.meta["input"] = origin
+        kept.append(sample)
+    stats = StageStats(READ_STAGE, len(rows), len(kept), len(rejected), seconds=time.perf_counter() - started)
+    stats.reasons.update(r.reason for r in rejected)
+    return BatchResult(kept, rejected, {READ_STAGE: stats})
+
+
+def apply_stages(stages: list[tuple[str, Stage]], samples: list[Sample]) -> BatchResult:
+    """Run samples through stages in order; each stage sees only the survivors of the previous one."""
+    rejected: list[Rejection] = []
+    all_stats: dict[str, StageStats] = {}
+    for label, stage in stages:
+        stats = StageStats(label, rows_in=len(samples))
+        started = time.perf_counter()
+        survivors: list[Sample] = []
+        for offset in range(0, len(samples), stage.batch_size):
+            chunk = samples[offset : offset + stage.batch_size]
+            try:
+                verdicts = stage.process(chunk)
+            except Exception as exc:
+                ids = ", ".join(sample.id for sample in chunk[:5]) + (" ..." if len(chunk) > 5 else "")
+                raise StageError(f"stage {label!r} failed on a batch of {len(chunk)} rows ({ids}): {exc!r}") from exc
+            if len(verdicts) != len(chunk):
+                raise RuntimeError(f"stage {label!r} returned {len(verdicts)} verdicts for {len(chunk)} samples")
+            for sample, verdict in zip(chunk, verdicts):
+                if verdict.keep:
+                    survivors.append(sample)
+                else:
+                    rejected.append(Rejection(sample, label, verdict.reason or label, verdict.detail))
+                    stats.reasons[verdict.reason or label] += 1
+        stats.kept, stats.rejected = len(survivors), len(samples) - len(survivors)
+        stats.seconds = time.perf_counter() - started
+        all_stats[label] = stats
+        samples = survivors
+    return BatchResult(samples, rejected, all_stats)
+
+
+def merge_results(first: BatchResult, second: BatchResult) -> BatchResult:
+    """`second` processed `first.kept`; the union is what the batch went through."""
+    return BatchResult(second.kept, first.rejected + second.rejected, {**first.stats, **second.stats})
+
+
+# --- worker processes ---------------------------------------------------------
+
+_worker_stages: dict[str, Stage] = {}
+
+
+def _init_worker(specs: list[StageSpec], context: StageContext, teardown_at_exit: bool = True) -> None:
+    for spec in specs:
+        stage = spec.build()
+        stage.setup(context)
+        _worker_stages[spec.label] = stage
+        if teardown_at_exit:
+            # Finalize runs when a worker process exits normally, so stages release what they hold.
+            multiprocessing.util.Finalize(None, stage.teardown, exitpriority=10)
+
+
+def _worker_read_and_filter(sources: list[SourceReader], rows: list[Row], labels: list[str]) -> BatchResult:
+    parsed = parse_rows(sources, rows)
+    return merge_results(parsed, apply_stages([(label, _worker_stages[label]) for label in labels], parsed.kept))
+
+
+def _worker_filter(labels: list[str], samples: list[Sample]) -> BatchResult:
+    return apply_stages([(label, _worker_stages[label]) for label in labels], samples)
+
+
+# --- the driver ----------------------------------------------------------------
+
+
+def segments(specs: tuple[StageSpec, ...], stages: dict[str, Stage]) -> list[tuple[bool, list[str]]]:
+    """Consecutive stages grouped by where they run: (in workers?, labels)."""
+    groups: list[tuple[bool, list[str]]] = []
+    for spec in specs:
+        in_workers = stages[spec.label].runs_in_workers()
+        if groups and groups[-1][0] == in_workers:
+            groups[-1][1].append(spec.label)
+        else:
+            groups.append((in_workers, [spec.label]))
+    return groups
+
+
+class LocalExecutor:
+    def __init__(self, recipe: Recipe, run_dir: Path, workers: int = 1, cache_path: Path = DEFAULT_CACHE_PATH,
+                 progress: bool = True) -> None:
+        self.recipe = recipe
+        self.run_dir = RunDir(run_dir)
+        self.workers = max(1, workers)
+        self.progress = progress
+        self.context = StageContext(cache_path=Path(cache_path), scratch_dir=self.run_dir.path / "scratch")
+        self.sources = [
+            SourceReader(s.path, sniff_format(s.path) if s.format == "auto" else s.format) for s in recipe.inputs
+        ]
+
+    def run(self, force: bool = False) -> dict[str, Any]:
+        inputs = fingerprint(source.path for source in self.sources)
+        state = self.run_dir.open(self.recipe.sha256, self.recipe.resolved, inputs, force)
+        if self.run_dir.is_complete():
+            return self.run_dir.manifest()
+        if state.rows_done:
+            state.resumed += 1
+        labels = [READ_STAGE] + [spec.label for spec in self.recipe.stages]
+        for label in labels:
+            state.stats.setdefault(label, StageStats(label))
+        # Only stages that run here are built in this process; worker stages are built in the workers.
+        stages = {spec.label: spec.build() for spec in self.recipe.stages}
+        plan = segments(self.recipe.stages, stages)
+        local = {label: stages[label] for in_workers, group in plan if not in_workers for label in group}
+        self.context.scratch_dir.mkdir(parents=True, exist_ok=True)
+        for label, stage in local.items():
+            stage.setup(self.context)
+            if label in state.stage_states:
+                stage.load_state_dict(state.stage_states[label])
+        bars = self._progress_bars(labels, state)
+        try:
+            worker_specs = [spec for spec in self.recipe.stages if spec.label not in local]
+            with self._pool(worker_specs) as pool:
+                for result, rows in self._batches(pool, plan, local, state):
+                    for label, stats in result.stats.items():
+                        state.stats[label].add(stats)
+                        bars[label].update(stats.rows_in)
+                    state.stage_states = {label: stage.state_dict() for label, stage in local.items() if stage.stateful}
+                    self.run_dir.commit_batch(state, result.kept, result.rejected, rows)
+        finally:
+            for stage in local.values():
+                stage.teardown()
+            for bar in bars.values():
+                bar.close()
+        return self.run_dir.finalize(state, self.recipe.output_kind, self.recipe.shard_rows)
+
+    def _pool(self, worker_specs: list[StageSpec]) -> ProcessPoolExecutor | _InlinePool:
+        if self.workers == 1:
+            return _InlinePool(worker_specs, self.context)
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(worker_specs, self.context),
+        )
+
+    def _rows(self, skip: int) -> Iterator[Row]:
+        rows = (
+            (source_index, row_index, record)
+            for source_index, source in enumerate(self.sources)
+            for row_index, record in enumerate(records(source.path))
+        )
+        return islice(rows, skip, None)
+
+    def _batches(self, pool: Any, plan: list[tuple[bool, list[str]]], local: dict[str, Stage],
+                 state: RunState) -> Iterator[tuple[BatchResult, int]]:
+        """Submit batches to the workers (bounded), then finish each in order in this process."""
+        first_in_workers = plan[0][1] if plan and plan[0][0] else []
+        rest = plan[1:] if first_in_workers else plan
+        rows = self._rows(state.rows_done)
+        in_flight: list[tuple[Future[BatchResult], int]] = []
+        while True:
+            while len(in_flight) < 2 * self.workers:
+                batch = list(islice(rows, self.recipe.batch_size))
+                if not batch:
+                    break
+                in_flight.append((pool.submit(_worker_read_and_filter, self.sources, batch, first_in_workers), len(batch)))
+            if not in_flight:
+                return
+            future, count = in_flight.pop(0)
+            result = future.result()
+            for in_workers, group in rest:
+                if in_workers:
+                    more = self._fan_out(pool, group, result.kept)
+                else:
+                    more = apply_stages([(label, local[label]) for label in group], result.kept)
+                result = merge_results(result, more)
+            yield result, count
+
+    def _fan_out(self, pool: Any, labels: list[str], samples: list[Sample]) -> BatchResult:
+        """Split one batch over the workers for a CPU segment that follows a driver stage."""
+        size = max(1, -(-len(samples) // self.workers))
+        futures = [pool.submit(_worker_filter, labels, samples[i : i + size]) for i in range(0, len(samples), size)]
+        results = [f.result() for f in futures]
+        stats = {label: StageStats(label) for label in labels}
+        for result in results:
+            for label, s in result.stats.items():
+                stats[label].add(s)
+        return BatchResult(
+            [s for r in results for s in r.kept], [rej for r in results for rej in r.rejected], stats
+        )
+
+    def _progress_bars(self, labels: list[str], state: RunState) -> dict[str, tqdm]:
+        total = sum(n for n in (count_records(s.path) for s in self.sources) if n is not None) or None
+        return {
+            label: tqdm(
+                total=total if label == READ_STAGE else None,
+                initial=state.stats[label].rows_in,
+                desc=f"{label:>24}",
+                unit="row",
+                position=position,
+                disable=not self.progress,
+                leave=True,
+                dynamic_ncols=True,
+            )
+            for position, label in enumerate(labels)
+        }
+
+
+class _InlinePool:
+    """The pool interface, run in this process: `--workers 1` needs no processes."""
+
+    def __init__(self, specs: list[StageSpec], context: StageContext) -> None:
+        self.specs, self.context = specs, context
+
+    def __enter__(self) -> _InlinePool:
+        _init_worker(self.specs, self.context, teardown_at_exit=False)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for stage in _worker_stages.values():
+            stage.teardown()
+        _worker_stages.clear()
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # surfaces at .result(), in batch order, as with a process pool
+            future.set_exception(exc)
+        return future

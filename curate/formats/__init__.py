@@ -1,0 +1,151 @@
+"""Format adapters: source datasets <-> canonical `Sample`s.
+
+Reading is split in two so the executor can stream, skip on resume and parse
+in parallel:
+- `records(path)` yields raw rows in file order, cheaply (a JSONL line, an
+  element of a JSON array, a parquet row as a dict);
+- `Format.parse(record, base_dir)` turns one raw row into a `Sample`, or raises
+  `MalformedRow` naming the defect.
+
+Each format also writes samples back in its own layout, so a
+read -> write -> read round trip keeps tool calls, observations and images.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow.parquet as pq
+
+from curate.errors import UserError
+from curate.sample import Sample
+
+
+class MalformedRow(Exception):
+    """A row that cannot become a Sample; the message names the defect."""
+
+
+class Format:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def parse(self, record: Any, base_dir: Path) -> Sample:
+        raise NotImplementedError
+
+    def sniff(self, record: Any) -> bool:
+        """Whether a (decoded) first record looks like this format."""
+        raise NotImplementedError
+
+    def write(self, samples: Iterable[Sample], path: Path) -> int:
+        """Write samples to `path` in this format; returns the row count."""
+        raise NotImplementedError
+
+
+def records(path: Path, batch_rows: int = 256) -> Iterator[Any]:
+    """Raw rows of a JSONL, JSON-array or parquet file, in order, streaming where the file type allows."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield line
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc}); fix the file or convert it to JSONL") from exc
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a JSON input must be an array of rows")
+        yield from data
+    elif suffix == ".parquet":
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:
+            raise UserError(f"{path}: unreadable parquet ({exc}); check the file is complete") from exc
+        for batch in parquet.iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
+    else:
+        raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def count_records(path: Path) -> int | None:
+    """Row count when it is cheap to know (for progress bars), else None."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    if suffix == ".jsonl":
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None
+
+
+def decode_record(record: Any) -> dict[str, Any]:
+    """A JSONL line or an already-decoded row as a dict, or MalformedRow."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as exc:
+            raise MalformedRow(f"bad JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise MalformedRow(f"row is a {type(record).__name__}, expected an object")
+    return record
+
+
+def raw_text(record: Any) -> str:
+    """The raw row as text, kept whole with a malformed row's rejection."""
+    if isinstance(record, str):
+        return record
+    return json.dumps(record, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return repr(value)
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(cls: type[Format]) -> type[Format]:
+    _FORMATS[cls.name] = cls()
+    return cls
+
+
+def _load_builtin_formats() -> None:
+    # Imported for their @register_format side effect.
+    from curate.formats import deepeyes, messages, metis_coldstart, thyme, verl  # noqa: F401
+
+
+def get_format(name: str) -> Format:
+    _load_builtin_formats()
+    if name not in _FORMATS:
+        raise UserError(f"unknown format {name!r}; choose one of: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[name]
+
+
+def format_names() -> list[str]:
+    _load_builtin_formats()
+    return sorted(_FORMATS)
+
+
+def sniff_format(path: Path) -> str:
+    """Pick the format whose sniffer accepts the file's first decodable row, if exactly one does."""
+    _load_builtin_formats()
+    for record in records(path):
+        try:
+            row = decode_record(record)
+        except MalformedRow:
+            continue
+        matches = [name for name, fmt in sorted(_FORMATS.items()) if fmt.sniff(row)]
+        if len(matches) == 1:
+            return matches[0]
+        raise UserError(
+            f"{path}: cannot tell the format ({'candidates: ' + ', '.join(matches) if matches else 'no format matches'});"
+            f" pass --format with one of: {', '.join(sorted(_FORMATS))}"
+        )
+    raise UserError(f"{path}: no readable row to detect the format from; pass --format")

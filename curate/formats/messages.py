@@ -1,0 +1,196 @@
+"""Generic HF / OpenAI `messages` rows (JSONL or parquet) — and the SFT shard layout.
+
+Row: `{id?, source?, messages: [{role, content, tool_calls?, tool_call_id?}], images?, answer?, meta?}`.
+`content` is a string (with `<image>` placeholders taking the row's images in order) or a list of parts
+`{type: text, text}` / `{type: image}` / `{type: image_url, image_url: {url}}`. `tool_calls` are
+OpenAI-style (`{id, type: function, function: {name, arguments}}`, arguments a JSON string or object).
+`images` entries are paths relative to the input file, data URIs, base64, or `{bytes, path}`.
+
+Written as parquet this is the SFT shard: one explicit Arrow schema for every row, images in order
+of appearance as `{bytes, path}`, `answer` and `meta` as JSON text, so
+`datasets.load_dataset("parquet", ...)` loads every shard alike.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.formats import Format, MalformedRow, decode_record, register_format
+from curate.formats.common import (
+    ImageCounter,
+    data_uri,
+    decode_answer,
+    decode_image,
+    encode_answer,
+    ordered_images,
+    row_id,
+)
+from curate.formats.inline import text_to_parts
+from curate.sample import ROLES, ImagePart, Message, Part, Sample, TextPart, ToolCall
+
+_CONTENT = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+_TOOL_CALLS = pa.list_(
+    pa.struct(
+        [
+            ("id", pa.string()),
+            ("type", pa.string()),
+            ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())])),
+        ]
+    )
+)
+SFT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        (
+            "messages",
+            pa.list_(
+                pa.struct(
+                    [("role", pa.string()), ("content", _CONTENT), ("tool_calls", _TOOL_CALLS), ("tool_call_id", pa.string())]
+                )
+            ),
+        ),
+        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        ("answer", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+
+@register_format
+class MessagesFormat(Format):
+    name = "messages"
+    description = "generic OpenAI/HF messages (JSONL or parquet); the SFT shard layout"
+
+    def sniff(self, record: Any) -> bool:
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return False
+        # Rows whose tool use is written inline in user/assistant text belong to the inline formats.
+        text = json.dumps(messages)
+        return "tool_calls" in text or ("<code>" not in text and "Code execution result" not in text and "<tool_call>" not in text)
+
+    def parse(self, record: Any, base_dir: Path) -> Sample:
+        row = decode_record(record)
+        raw_messages = row.get("messages")
+        if raw_messages is None:
+            raise MalformedRow("missing field 'messages'")
+        if not isinstance(raw_messages, list) or not raw_messages:
+            raise MalformedRow(f"'messages' must be a non-empty list, got {type(raw_messages).__name__}")
+        raw_images = row.get("images") or []
+        if not isinstance(raw_images, list):
+            raise MalformedRow(f"'images' must be a list, got {type(raw_images).__name__}")
+        images = [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(raw_images)]
+        counter = ImageCounter(len(images))
+        messages = []
+        for index, raw in enumerate(raw_messages):
+            messages.append(parse_message(raw, index, counter, images, base_dir))
+        counter.attach_unused(messages)
+        meta = row.get("meta") or {}
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        return Sample(
+            id=row_id(row, raw_messages, [im.data for im in images]),
+            source=str(row.get("source") or self.name),
+            messages=messages,
+            images=images,
+            answer=decode_answer(row.get("answer")),
+            meta=meta,
+        )
+
+    def write(self, samples: Iterable[Sample], path: Path) -> int:
+        rows = [to_row(sample, inline_images=path.suffix == ".jsonl") for sample in samples]
+        if path.suffix == ".jsonl":
+            with path.open("w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            pq.write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA), path)
+        return len(rows)
+
+
+def parse_message(raw: Any, index: int, counter: ImageCounter, images: list, base_dir: Path) -> Message:
+    where = f"message {index}"
+    if not isinstance(raw, dict):
+        raise MalformedRow(f"{where}: expected an object, got {type(raw).__name__}")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise MalformedRow(f"{where}: unknown role {role!r}")
+    return Message(
+        role=role,
+        content=parse_content(raw.get("content"), where, counter, images, base_dir),
+        tool_calls=[parse_openai_call(call, f"{where} tool call {k}") for k, call in enumerate(raw.get("tool_calls") or [])],
+        tool_call_id=str(raw.get("tool_call_id") or ""),
+    )
+
+
+def parse_content(content: Any, where: str, counter: ImageCounter, images: list, base_dir: Path) -> list[Part]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return text_to_parts(content, counter)
+    if not isinstance(content, list):
+        raise MalformedRow(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    parts: list[Part] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if part.get("text"):
+                parts.append(TextPart(str(part["text"])))
+        elif kind == "image":
+            parts.append(ImagePart(counter()))
+        elif kind == "image_url":
+            url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
+            images.append(decode_image(url, base_dir, f"{where} image_url"))
+            parts.append(ImagePart(len(images) - 1))
+        else:
+            raise MalformedRow(f"{where}: unknown content part {part!r:.60}")
+    return parts
+
+
+def parse_openai_call(call: Any, where: str) -> ToolCall:
+    if not isinstance(call, dict):
+        raise MalformedRow(f"{where}: expected an object")
+    function = call.get("function", call)
+    name, arguments = function.get("name"), function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError as exc:
+            raise MalformedRow(f"{where}: arguments are not valid JSON ({exc.msg})") from exc
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        raise MalformedRow(f"{where}: needs a string name and object arguments")
+    return ToolCall(name, arguments, str(call.get("id") or ""))
+
+
+def to_row(sample: Sample, inline_images: bool) -> dict[str, Any]:
+    images, sample = ordered_images(sample)
+    return {
+        "id": sample.id,
+        "source": sample.source,
+        "messages": [
+            {
+                "role": m.role,
+                "content": [
+                    {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image", "text": None}
+                    for p in m.content
+                ],
+                "tool_calls": [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                    for c in m.tool_calls
+                ],
+                "tool_call_id": m.tool_call_id,
+            }
+            for m in sample.messages
+        ],
+        "images": [data_uri(im) for im in images] if inline_images else [{"bytes": im.data, "path": None} for im in images],
+        "answer": encode_answer(sample.answer),
+        "meta": json.dumps(sample.meta, ensure_ascii=False, default=str),
+    }

@@ -1,0 +1,1 @@
+"""Filter stages: one module, one small Stage subclass each."""

@@ -1,0 +1,64 @@
+"""image_dedup: near-duplicate images across the whole dataset, first occurrence kept."""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+import imagehash
+from PIL import Image as PILImage
+from pydantic import Field
+
+from curate.hashindex import HashIndex
+from curate.sample import Sample
+from curate.stage import KEEP, Stage, StageContext, StageOptions, Verdict, reject
+
+_HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash, "whash": imagehash.whash}
+
+
+class ImageDedup(Stage):
+    """Rejects a sample with an image within `max_distance` bits (perceptual hash) of an earlier kept sample's image.
+
+    Reason `duplicate_image`; the detail names the earlier sample, image and distance. The hashes go to
+    `meta.image_dedup.hashes`. Stateful: the index sees every row in input order and is saved with each batch.
+    """
+
+    name = "image_dedup"
+    stateful = True
+    batch_size = 256
+
+    class Options(StageOptions):
+        hash: Literal["phash", "dhash", "ahash", "whash"] = Field(default="phash", description="imagehash function")
+        hash_size: int = Field(default=8, ge=4, le=16, description="hash side; the hash has hash_size^2 bits")
+        max_distance: int = Field(default=4, ge=0, le=32, description="largest Hamming distance counted as duplicate")
+
+    def setup(self, context: StageContext) -> None:
+        self.index = HashIndex(self.options.max_distance, bits=self.options.hash_size**2)
+
+    def check(self, sample: Sample) -> bool | Verdict:
+        hashes: list[int | None] = [self._hash(image.data) for image in sample.images]
+        sample.meta[self.name] = {"hashes": [None if h is None else f"{h:x}" for h in hashes]}
+        for index, value in enumerate(hashes):
+            match = None if value is None else self.index.nearest(value)
+            if match is not None:
+                earlier, distance = match
+                return reject("duplicate_image", f"image {index} is {distance} bits from image {earlier}")
+        for index, value in enumerate(hashes):
+            if value is not None:
+                self.index.add(value, f"{index} of {sample.id}")
+        return KEEP
+
+    def _hash(self, data: bytes) -> int | None:
+        """The perceptual hash as an int; None for an image that does not decode (image_integrity's job)."""
+        try:
+            with PILImage.open(io.BytesIO(data)) as image:
+                bits = _HASHES[self.options.hash](image, hash_size=self.options.hash_size).hash.flatten()
+        except Exception:  # any decoding failure: this stage only compares images that decode
+            return None
+        return int("".join("1" if bit else "0" for bit in bits), 2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.index.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = HashIndex.from_state_dict(state)

@@ -1,0 +1,1 @@
+"""LLM-judge backends and the judge stages built on them."""

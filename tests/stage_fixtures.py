@@ -1,0 +1,61 @@
+"""Small stages used by the executor tests (importable, so spawned workers find them)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import Field
+
+from curate.sample import Sample
+from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
+
+
+class HashBucket(Stage):
+    """Rejects samples whose id hash falls in bucket 0 of `buckets`; annotates the bucket."""
+
+    name = "hash_bucket"
+
+    class Options(StageOptions):
+        buckets: int = Field(default=3, gt=0, description="number of buckets")
+
+    def check(self, sample: Sample) -> Verdict:
+        bucket = int(hashlib.sha256(sample.id.encode()).hexdigest(), 16) % self.options.buckets
+        sample.meta[self.name] = {"bucket": bucket}
+        return reject("bucket_zero", f"bucket {bucket}") if bucket == 0 else KEEP
+
+
+class FirstN(Stage):
+    """Keeps the first `n` rows it sees over the whole run: stateful and order-sensitive."""
+
+    name = "first_n"
+    stateful = True
+
+    class Options(StageOptions):
+        n: int = 10
+
+    def setup(self, context: object) -> None:
+        self.seen = 0
+
+    def check(self, sample: Sample) -> bool:
+        self.seen += 1
+        return self.seen <= self.options.n
+
+    def state_dict(self) -> int:
+        return self.seen
+
+    def load_state_dict(self, state: int) -> None:
+        self.seen = state
+
+
+class Explode(Stage):
+    """Raises on a sample whose question contains `marker`."""
+
+    name = "explode"
+
+    class Options(StageOptions):
+        marker: str = "BOOM"
+
+    def check(self, sample: Sample) -> bool:
+        if self.options.marker in sample.question:
+            raise ValueError(f"exploded on {sample.id}")
+        return True
