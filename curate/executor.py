@@ -262,7 +262,8 @@ class LocalExecutor:
         )
 
     def _progress_bars(self, labels: list[str], state: RunState) -> dict[str, tqdm]:
-        total = sum(n for n in (count_records(s.path) for s in self.sources) if n is not None) or None
+        counts = [count_records(s.path) for s in self.sources]
+        total = None if None in counts else sum(counts)  # type: ignore[arg-type]
         return {
             label: tqdm(
                 total=total if label == READ_STAGE else None,

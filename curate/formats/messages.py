@@ -105,13 +105,14 @@ class MessagesFormat(Format):
         )
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
-        rows = [to_row(sample, inline_images=path.suffix == ".jsonl") for sample in samples]
-        if path.suffix == ".jsonl":
+        if path.suffix == ".jsonl":  # streamed: a JSONL file of any size is written in constant memory
+            count = 0
             with path.open("w", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            pq.write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA), path)
+                for count, sample in enumerate(samples, start=1):
+                    handle.write(json.dumps(to_row(sample, inline_images=True), ensure_ascii=False) + "\n")
+            return count
+        rows = [to_row(sample, inline_images=False) for sample in samples]
+        pq.write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA), path)
         return len(rows)
 
 

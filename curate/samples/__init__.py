@@ -1,0 +1,1 @@
+"""Sample data: a generator of realistic trajectories with planted defects."""
