@@ -38,15 +38,18 @@ class HashIndex:
 
     def nearest(self, value: int) -> tuple[str, int] | None:
         """The earliest-added (key, distance) within max_distance of `value`, or None."""
+        hashes, limit = self.hashes, self.max_distance
         best: int | None = None
         for table, (start, mask) in zip(self._tables, self._bands):
             for position in table.get((value >> start) & mask, ()):
-                if (best is None or position < best) and (self.hashes[position] ^ value).bit_count() <= self.max_distance:
+                if best is not None and position >= best:
+                    break  # buckets are in insertion order: nothing earlier is left in this one
+                if (hashes[position] ^ value).bit_count() <= limit:
                     best = position
-                    break  # bucket lists are in insertion order: the first match is that band's earliest
+                    break
         if best is None:
             return None
-        return self.keys[best], (self.hashes[best] ^ value).bit_count()
+        return self.keys[best], (hashes[best] ^ value).bit_count()
 
     def state_dict(self) -> dict[str, Any]:
         return {"max_distance": self.max_distance, "bits": self.bits, "hashes": list(self.hashes), "keys": list(self.keys)}
