@@ -35,18 +35,23 @@ class ImageDedup(Stage):
     def setup(self, context: StageContext) -> None:
         self.index = HashIndex(self.options.max_distance, bits=self.options.hash_size**2)
 
-    def check(self, sample: Sample) -> bool | Verdict:
-        hashes: list[int | None] = [self._hash(image.data) for image in sample.images]
-        sample.meta[self.name] = {"hashes": [None if h is None else f"{h:x}" for h in hashes]}
-        for index, value in enumerate(hashes):
-            match = None if value is None else self.index.nearest(value)
-            if match is not None:
-                earlier, distance = match
-                return reject("duplicate_image", f"image {index} is {distance} bits from image {earlier}")
-        for index, value in enumerate(hashes):
-            if value is not None:
-                self.index.add(value, f"{index} of {sample.id}")
-        return KEEP
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        hashes = [[self._hash(image.data) for image in sample.images] for sample in batch]
+        # Images that do not decode are left to image_integrity; their index stays in the detail.
+        decodable = [[(k, h) for k, h in enumerate(values) if h is not None] for values in hashes]
+        matches = self.index.dedup_batch(
+            [[h for _, h in pairs] for pairs in decodable],
+            [[f"{k} of {sample.id}" for k, _ in pairs] for sample, pairs in zip(batch, decodable)],
+        )
+        verdicts: list[Verdict] = []
+        for sample, values, pairs, match in zip(batch, hashes, decodable, matches):
+            sample.meta[self.name] = {"hashes": [None if h is None else f"{h:x}" for h in values]}
+            if match is None:
+                verdicts.append(KEEP)
+            else:
+                member, earlier, distance = match
+                verdicts.append(reject("duplicate_image", f"image {pairs[member][0]} is {distance} bits from image {earlier}"))
+        return verdicts
 
     def _hash(self, data: bytes) -> int | None:
         """The perceptual hash as an int; None for an image that does not decode (image_integrity's job)."""
