@@ -117,3 +117,32 @@ def test_sample_recipe_runs_and_inspect_prints_funnel(tmp_path: Path) -> None:
         assert stage["name"] in inspect
         for reason in stage["reasons"]:
             assert reason in inspect
+
+
+def test_entry_point_plugin_stage_is_found_and_runs(tmp_path: Path, generated: Path) -> None:
+    """A third-party package declares a stage under the `curate.stages` entry point group."""
+    site = tmp_path / "site"
+    (site / "my_plugin").mkdir(parents=True)
+    (site / "my_plugin" / "__init__.py").write_text(
+        "from curate.stage import Stage, reject\n"
+        "class EvenRows(Stage):\n"
+        "    '''Keeps rows whose input row number is even.'''\n"
+        "    name = 'even_rows'\n"
+        "    def check(self, sample):\n"
+        "        return sample.meta['input']['row'] % 2 == 0 or reject('odd_row')\n"
+    )
+    dist = site / "my_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[curate.stages]\neven_rows = my_plugin:EvenRows\n")
+    recipe = tmp_path / "plugin.yaml"
+    recipe.write_text(yaml.safe_dump({"input": {"paths": [str(generated)]}, "stages": [{"even_rows": {}}],
+                                      "output": {"kind": "sft"}}))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    listing = subprocess.run([sys.executable, "-m", "curate", "stages"], capture_output=True, text=True, env=env, check=True)
+    assert "even_rows  [workers, batch 64]  Keeps rows whose input row number is even." in listing.stdout
+    subprocess.run([sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "run"), "--workers", "2",
+                    "--no-progress", "--cache", str(tmp_path / "c.sqlite")], check=True, env=env, capture_output=True)
+    manifest = assert_accounting(tmp_path / "run")
+    assert manifest["stages"][1] == {**manifest["stages"][1], "name": "even_rows", "in": 600, "kept": 300,
+                                     "reasons": {"odd_row": 300}}
