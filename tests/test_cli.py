@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import REPO, assert_accounting, shard_ids
 
 CPU_STAGES = [{"image_integrity": {}}, {"image_dedup": {}}, {"format": {}}]

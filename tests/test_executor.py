@@ -8,15 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import assert_accounting, messages_row, shard_ids, write_jsonl
+from stage_fixtures import Explode, FirstN, HashBucket
+
 from curate.errors import UserError
 from curate.executor import LocalExecutor, StageError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
 from curate.rundir import RunDir, write_parquet_atomic
 from curate.sample import ROW_SCHEMA
-from stage_fixtures import Explode, FirstN, HashBucket
 
 for stage in (HashBucket, FirstN, Explode):
     register_stage(stage)

@@ -9,8 +9,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import png_bytes
+
 from curate.errors import UserError
 from curate.formats import MalformedRow, get_format, records, sniff_format
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text

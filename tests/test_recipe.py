@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_fixtures import FirstN, HashBucket
 
 from curate.errors import UserError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
-from stage_fixtures import FirstN, HashBucket
 
 register_stage(HashBucket)
 register_stage(FirstN)

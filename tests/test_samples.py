@@ -8,9 +8,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import REPO, assert_accounting
 from PIL import Image as PILImage
 
-from conftest import REPO, assert_accounting
 from curate.executor import LocalExecutor
 from curate.formats import get_format, records
 from curate.recipe import load_recipe

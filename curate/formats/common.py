@@ -59,6 +59,25 @@ def decode_image(entry: Any, base_dir: Path, label: str) -> Image:
     return Image(data, image_format(data))
 
 
+def decode_images(value: Any, base_dir: Path, field: str = "images") -> list[Image]:
+    """A row's image list (absent means none)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedRow(f"'{field}' must be a list, got {type(value).__name__}")
+    return [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(value)]
+
+
+def write_json_rows(rows: list[dict[str, Any]], path: Path) -> int:
+    """Rows as JSONL (one per line) or, for any other suffix, one JSON array."""
+    with path.open("w", encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            json.dump(rows, handle, ensure_ascii=False, indent=1)
+    return len(rows)
+
+
 def _looks_like_base64(text: str) -> bool:
     # Paths have dots or slashes and are short; base64 of any real image is long and has neither dots.
     return len(text) >= 64 and "." not in text

@@ -17,7 +17,7 @@ from typing import Any
 
 from curate.formats import Format, MalformedRow, decode_record, register_format
 from curate.formats.chat import parse_chat, render_chat
-from curate.formats.common import ImageFolder, decode_answer, decode_image, encode_answer, row_id
+from curate.formats.common import ImageFolder, decode_answer, decode_images, encode_answer, row_id, write_json_rows
 from curate.formats.inline import (
     CODE_RESULT_PREFIX,
     render_code_result,
@@ -45,10 +45,7 @@ class DeepEyesFormat(Format):
         row = decode_record(record)
         if "messages" not in row:
             raise MalformedRow("missing field 'messages'")
-        raw_images = row.get("images") or []
-        if not isinstance(raw_images, list):
-            raise MalformedRow(f"'images' must be a list, got {type(raw_images).__name__}")
-        images = [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(raw_images)]
+        images = decode_images(row.get("images"), base_dir)
         return Sample(
             id=row_id(row, row["messages"], [im.data for im in images]),
             source=str(row.get("source") or self.name),
@@ -67,12 +64,7 @@ class DeepEyesFormat(Format):
             if sample.answer is not None:
                 row["answer"] = encode_answer(sample.answer)
             rows.append(row)
-        with path.open("w", encoding="utf-8") as handle:
-            if path.suffix == ".jsonl":
-                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            else:
-                json.dump(rows, handle, ensure_ascii=False, indent=1)
-        return len(rows)
+        return write_json_rows(rows, path)
 
 
 def _unwrap_observation(text: str) -> str:

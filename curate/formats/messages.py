@@ -27,6 +27,7 @@ from curate.formats.common import (
     data_uri,
     decode_answer,
     decode_image,
+    decode_images,
     encode_answer,
     ordered_images,
     row_id,
@@ -83,10 +84,7 @@ class MessagesFormat(Format):
             raise MalformedRow("missing field 'messages'")
         if not isinstance(raw_messages, list) or not raw_messages:
             raise MalformedRow(f"'messages' must be a non-empty list, got {type(raw_messages).__name__}")
-        raw_images = row.get("images") or []
-        if not isinstance(raw_images, list):
-            raise MalformedRow(f"'images' must be a list, got {type(raw_images).__name__}")
-        images = [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(raw_images)]
+        images = decode_images(row.get("images"), base_dir)
         counter = ImageCounter(len(images))
         messages = []
         for index, raw in enumerate(raw_messages):

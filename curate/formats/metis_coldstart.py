@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from curate.formats import Format, MalformedRow, decode_record, register_format
 from curate.formats.chat import parse_chat, render_chat
-from curate.formats.common import decode_answer, decode_image, encode_answer, encode_base64, row_id
+from curate.formats.common import decode_answer, decode_images, encode_answer, encode_base64, row_id
 from curate.formats.inline import render_tool_response, unwrap_tool_response
 from curate.sample import Sample, ToolCall
 
@@ -46,10 +46,7 @@ class MetisColdStartFormat(Format):
                 turns = json.loads(turns)
             except json.JSONDecodeError as exc:
                 raise MalformedRow(f"'messages' is not valid JSON ({exc.msg} at char {exc.pos})") from exc
-        raw_images = row.get("images") or []
-        if not isinstance(raw_images, list):
-            raise MalformedRow(f"'images' must be a list, got {type(raw_images).__name__}")
-        images = [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(raw_images)]
+        images = decode_images(row.get("images"), base_dir)
         return Sample(
             id=row_id(row, turns, [im.data for im in images]),
             source=str(row.get("source") or self.name),

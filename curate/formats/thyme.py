@@ -10,15 +10,30 @@ kept as is. Image entries are paths relative to the file, base64, or bytes.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from curate.formats import Format, MalformedRow, decode_record, register_format
-from curate.formats.common import ImageCounter, ImageFolder, decode_answer, decode_image, encode_answer, ordered_images, row_id
-from curate.formats.inline import parse_calls, parts_to_text, render_call, render_sandbox_output, split_sandbox_outputs, text_to_parts
+from curate.formats.common import (
+    ImageCounter,
+    ImageFolder,
+    decode_answer,
+    decode_images,
+    encode_answer,
+    ordered_images,
+    row_id,
+    write_json_rows,
+)
+from curate.formats.inline import (
+    parse_calls,
+    parts_to_text,
+    render_call,
+    render_sandbox_output,
+    split_sandbox_outputs,
+    text_to_parts,
+)
 from curate.sample import Message, Sample
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
@@ -37,12 +52,8 @@ class ThymeFormat(Format):
         question, response = row.get("question"), row.get("response")
         if not isinstance(question, str) or not isinstance(response, str):
             raise MalformedRow("needs string fields 'question' and 'response'")
-        raw_images = row.get("image") or row.get("images") or []
-        if isinstance(raw_images, str):
-            raw_images = [raw_images]
-        if not isinstance(raw_images, list):
-            raise MalformedRow(f"'image' must be a list, got {type(raw_images).__name__}")
-        images = [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(raw_images)]
+        raw_images = row.get("image", row.get("images"))
+        images = decode_images([raw_images] if isinstance(raw_images, str) else raw_images, base_dir, "image")
         counter = ImageCounter(len(images))
         messages = [Message("user", text_to_parts(question, counter))]
         for text, output in split_sandbox_outputs(response):
@@ -81,10 +92,5 @@ class ThymeFormat(Format):
             if sample.answer is not None:
                 row["answer"] = encode_answer(sample.answer)
             rows.append(row)
-        with path.open("w", encoding="utf-8") as handle:
-            if path.suffix == ".jsonl":
-                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            else:
-                json.dump(rows, handle, ensure_ascii=False, indent=1)
-        return len(rows)
+        return write_json_rows(rows, path)
 

@@ -22,7 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.formats import Format, MalformedRow, decode_record, register_format
-from curate.formats.common import ImageCounter, decode_answer, decode_image, encode_answer, ordered_images
+from curate.formats.common import (
+    ImageCounter,
+    decode_answer,
+    decode_images,
+    encode_answer,
+    ordered_images,
+)
 from curate.formats.inline import parts_to_text, text_to_parts
 from curate.sample import ROLES, Message, Sample, content_id
 
@@ -66,10 +72,7 @@ class VerlFormat(Format):
             raise MalformedRow("'prompt' must be a non-empty list of chat turns")
         if not isinstance(reward, dict) or "ground_truth" not in reward:
             raise MalformedRow("'reward_model' must be an object with 'ground_truth'")
-        raw_images = row.get("images") or []
-        if not isinstance(raw_images, list):
-            raise MalformedRow(f"'images' must be a list, got {type(raw_images).__name__}")
-        images = [decode_image(entry, base_dir, f"image {i}") for i, entry in enumerate(raw_images)]
+        images = decode_images(row.get("images"), base_dir)
         counter = ImageCounter(len(images))
         messages = []
         for index, turn in enumerate(prompt):
