@@ -80,31 +80,31 @@ def stages() -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-def inspect(run_dir: Path) -> None:
-    """Print the funnel and rejection reasons of RUN_DIR."""
-    from curate.rundir import RunDir
+@click.option("--stage", help="Only rows rejected by this stage.")
+@click.option("--reason", help="Only rows rejected for this reason.")
+@click.option("--show", "show_id", help="Print one sample (kept or rejected) in full.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows to list with --stage/--reason.")
+def inspect(run_dir: Path, stage: str | None, reason: str | None, show_id: str | None, limit: int) -> None:
+    """Print the funnel and rejection reasons of RUN_DIR, the rejected rows of a stage or reason, or one sample."""
+    from curate.inspect import Run, render_text
 
-    manifest = RunDir(run_dir).manifest()
-    click.echo(funnel_table(manifest))
-    reasons = pl.DataFrame(
-        [
-            {"stage": stage["name"], "reason": reason, "rows": count}
-            for stage in manifest["stages"]
-            for reason, count in stage["reasons"].items()
-        ],
-        schema={"stage": pl.String, "reason": pl.String, "rows": pl.Int64},
-    )
-    click.echo(_render(reasons))
+    run = Run(run_dir)
+    if show_id:
+        click.echo(render_text(*run.sample(show_id)))
+        return
+    if stage or reason:
+        rows = run.summary(stage=stage, reason=reason)
+        click.echo(_render(rows.head(limit)))
+        click.echo(f"{rows.height} rows rejected{f' by {stage}' if stage else ''}{f' for {reason}' if reason else ''}")
+        return
+    click.echo(_render(run.funnel()))
+    click.echo(_render(run.reasons()))
 
 
 def funnel_table(manifest: dict[str, Any]) -> str:
-    frame = pl.DataFrame(
-        [
-            {"stage": s["name"], "in": s["in"], "kept": s["kept"], "rejected": s["rejected"], "seconds": s["seconds"]}
-            for s in manifest["stages"]
-        ]
-    )
-    return _render(frame)
+    from curate.inspect import funnel_frame
+
+    return _render(funnel_frame(manifest))
 
 
 def _render(frame: pl.DataFrame) -> str:

@@ -58,8 +58,9 @@ class ImageIntegrity(Stage):
                     image.load()
         except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
             return reject("decompression_bomb", str(exc))
-        except PILImage.UnidentifiedImageError as exc:
-            return reject("unreadable_image", str(exc))
+        except PILImage.UnidentifiedImageError:
+            # Pillow's message names the BytesIO object's address; keep details reproducible across runs.
+            return reject("unreadable_image", "cannot identify image file: no format Pillow reads")
         except (OSError, SyntaxError, ValueError) as exc:
             # Pillow reports a cut-off file as OSError "image file is truncated" or "... broken data stream".
             reason = "truncated_image" if "truncated" in str(exc) or "broken" in str(exc) else "unreadable_image"

@@ -59,3 +59,20 @@ class Explode(Stage):
         if self.options.marker in sample.question:
             raise ValueError(f"exploded on {sample.id}")
         return True
+
+
+class RecordedVsActual(Stage):
+    """Annotates each python call's recorded observation against a stand-in 'actual' output (the observation
+    with digits shifted) and rejects when they differ: the shape a re-executing stage gives the inspector."""
+
+    name = "recorded_vs_actual"
+
+    def check(self, sample: Sample) -> Verdict:
+        comparisons = []
+        for position, call in sample.tool_calls():
+            recorded = sample.messages[position + 1].text if position + 1 < len(sample.messages) else ""
+            actual = "".join(str((int(c) + 1) % 10) if c.isdigit() else c for c in recorded)
+            comparisons.append({"call": position, "recorded": recorded, "actual": actual})
+        sample.meta[self.name] = {"comparisons": comparisons, "score": len(comparisons)}
+        differ = [c for c in comparisons if c["recorded"] != c["actual"]]
+        return reject("mismatch", f"call {differ[0]['call']} differs") if differ else KEEP

@@ -8,7 +8,8 @@ restores them.
 
 Written, `reward_model.ground_truth` is always text (a list ground truth as JSON text, which the
 reader turns back into a list) and `extra_info` has fixed fields (`answer`, `index`, `question`,
-`id`, `pass_rate`, and `extra`: JSON of any other keys), so every shard has one schema.
+`id`, `pass_rate`, and `extra`: JSON of any other keys, including the stages' annotations under
+`curate_meta`), so every shard has one schema.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class VerlFormat(Format):
             messages=messages,
             images=images,
             answer=decode_answer(reward["ground_truth"]),
-            meta={"verl": {"ability": row.get("ability"), "reward_style": reward.get("style"), "extra_info": extra_info}},
+            meta={**extra_info.pop("curate_meta", {}),
+                  "verl": {"ability": row.get("ability"), "reward_style": reward.get("style"), "extra_info": extra_info}},
         )
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
@@ -121,6 +123,9 @@ def to_rl_row(sample: Sample) -> dict[str, Any]:
     images, sample = ordered_images(sample)
     verl = sample.meta.get("verl", {})
     extra_info = {**verl.get("extra_info", {}), "id": sample.id}
+    annotations = {key: value for key, value in sample.meta.items() if key != "verl"}
+    if annotations:  # the verl schema has no meta column: stage annotations ride in extra_info
+        extra_info["curate_meta"] = annotations
     extra_info.setdefault("question", sample.question.replace("<image>", "").strip())
     extra_info.setdefault("answer", sample.answer if isinstance(sample.answer, str) else encode_answer(sample.answer))
     fixed = {key: extra_info.pop(key, None) for key in _EXTRA_FIELDS}
