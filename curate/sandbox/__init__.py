@@ -1,0 +1,210 @@
+"""Run untrusted python from datasets, isolated for real, fast.
+
+A `Sandbox` keeps `parallelism` warm workers (`zygote.py`: numpy, PIL and matplotlib imported once),
+each inside the isolation; a trajectory is sent to a free worker, which forks a fresh child for it,
+so isolation is per trajectory while interpreter start-up is paid once per worker.
+
+Isolation levels (`isolation_level()` says which one is in force):
+- `bwrap` (Debian package `bubblewrap`): each worker lives in its own mount, PID, network, IPC and
+  UTS namespaces. The file system is read-only and holds only what python needs (`/usr`, `/lib*`,
+  `/bin`, the python installation and the virtual environment); `/tmp` is a private size-limited
+  tmpfs where each trajectory gets a scratch directory, deleted afterwards. No network at all (a
+  new network namespace), an empty environment (no API key can leak in), and the trajectory runs
+  as an unprivileged uid with limits on address space, CPU time, processes and file size.
+- `namespace` (no bwrap): the worker unshares a network namespace itself and runs each trajectory
+  as an unprivileged uid, with the same environment scrubbing, limits and scratch directories. The
+  host file system stays visible read-only to whatever that uid may read (root-only files such as
+  `~/.ssh` are not), and world-writable folders such as `/tmp` stay writable.
+Both levels kill every process a trajectory leaves behind (the worker is a child subreaper).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from curate.stage import StageOptions
+
+ZYGOTE = Path(__file__).with_name("zygote.py")
+SANDBOX_ZYGOTE = "/sandbox/zygote.py"
+FIRST_UID = 60000
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+class SandboxOptions(StageOptions):
+    """Sandbox settings a recipe can give any stage that executes code."""
+
+    timeout: float = Field(default=20.0, gt=0, description="wall-clock seconds per trajectory")
+    cpu_seconds: int = Field(default=20, gt=0, description="CPU seconds per trajectory")
+    memory_mb: int = Field(default=4096, ge=512, description="address-space limit per trajectory (MiB)")
+    max_processes: int = Field(default=64, gt=0, description="processes and threads per trajectory")
+    max_file_mb: int = Field(default=64, gt=0, description="largest file a trajectory may write (MiB)")
+    tmp_mb: int = Field(default=512, gt=0, description="size of the private /tmp of each worker (bwrap level)")
+    parallelism: int = Field(default=2, gt=0, description="warm workers, i.e. trajectories run at once")
+    isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$", description="auto: bwrap if installed")
+
+
+@dataclass
+class CellResult:
+    stdout: str = ""
+    stderr: str = ""
+    error: str = ""  # "ExceptionType: message", empty when the cell ran through
+    traceback: str = ""
+    images: list[bytes] = field(default_factory=list)  # PNG/JPEG bytes the cell showed or saved
+
+
+@dataclass
+class TrajectoryResult:
+    cells: list[CellResult]
+    status: str  # ok | timeout | killed | crashed
+    detail: str = ""
+
+
+def isolation_level(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "bwrap" if shutil.which("bwrap") else "namespace"
+    if requested == "bwrap" and not shutil.which("bwrap"):
+        raise RuntimeError("isolation 'bwrap' asked for, but bwrap is not installed (Debian package bubblewrap)")
+    return requested
+
+
+class Sandbox:
+    def __init__(self, options: SandboxOptions | None = None) -> None:
+        self.options = options or SandboxOptions()
+        self.level = isolation_level(self.options.isolation)
+        self._home = Path(tempfile.mkdtemp(prefix="curate-sandbox-"))
+        self._home.chmod(0o711)  # trajectories run as other uids and must reach their scratch directories inside
+        self._free: queue.Queue[_Worker] = queue.Queue()
+        self._workers = [_Worker(self._command(slot), self._environment(), self._home) for slot in range(self.options.parallelism)]
+        for worker in self._workers:
+            self._free.put(worker)
+        self._threads = ThreadPoolExecutor(self.options.parallelism)
+
+    def run(self, cells: list[str], images: dict[str, bytes] | None = None, preload: list[str] | None = None) -> TrajectoryResult:
+        """Run the cells of one trajectory in order, in one fresh interpreter state.
+
+        `images` are written into the scratch directory under their names; those listed in `preload`
+        are also opened as `image_1, image_2, ...`.
+        """
+        request = {
+            "cells": cells,
+            "images": {name: base64.b64encode(data).decode() for name, data in (images or {}).items()},
+            "preload": preload or [],
+            "timeout": self.options.timeout,
+            "cpu_seconds": self.options.cpu_seconds,
+            "memory_mb": self.options.memory_mb,
+            "max_processes": self.options.max_processes,
+            "max_file_mb": self.options.max_file_mb,
+            "scratch_root": None if self.level == "bwrap" else str(self._home),
+        }
+        worker = self._free.get()
+        try:
+            response = worker.ask(request, timeout=self.options.timeout + 30)
+        finally:
+            self._free.put(worker)
+        return TrajectoryResult(
+            [CellResult(c["stdout"], c["stderr"], c["error"], c["traceback"], [base64.b64decode(i) for i in c["images"]])
+             for c in response["cells"]],
+            response["status"],
+            response["detail"],
+        )
+
+    def run_many(self, jobs: list[tuple[list[str], dict[str, bytes], list[str]]]) -> list[TrajectoryResult]:
+        """Several trajectories at once, one per warm worker."""
+        return list(self._threads.map(lambda job: self.run(*job), jobs))
+
+    def close(self) -> None:
+        self._threads.shutdown()
+        for worker in self._workers:
+            worker.close()
+        shutil.rmtree(self._home, ignore_errors=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _environment(self) -> dict[str, str]:
+        """The whole environment the sandbox sees: nothing of ours, so no secret can leak in."""
+        environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "MPLCONFIGDIR": "/tmp/.matplotlib", "LANG": "C.UTF-8"}
+        if self.level == "namespace":
+            environment.update(HOME=str(self._home), MPLCONFIGDIR=str(self._home / ".matplotlib"))
+        return environment | {name: "1" for name in THREAD_VARIABLES}
+
+    def _command(self, slot: int) -> list[str]:
+        uid = str(FIRST_UID + slot)
+        if self.level == "namespace":
+            return [sys.executable, str(ZYGOTE), "--unshare-net", "--uid", uid]
+        command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                   "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+        python_homes = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
+        # Folders above the python installation (e.g. /root for a pyenv python) are created traversable
+        # and empty, so an unprivileged uid can import the standard library and sees nothing else there.
+        for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/"}):
+            command += ["--perms", "0755", "--dir", folder]
+        for path in sorted({"/usr", "/lib", "/lib64", "/bin", *python_homes}):
+            if Path(path).exists():
+                command += ["--ro-bind", path, path]
+        command += ["--ro-bind", str(ZYGOTE), SANDBOX_ZYGOTE, "--proc", "/proc", "--dev", "/dev",
+                    "--size", str(self.options.tmp_mb << 20), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp"]
+        # Only what the worker needs to hand each trajectory to its own uid and clean up after it.
+        for capability in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
+            command += ["--cap-add", capability]
+        return command + ["--clearenv", sys.executable, SANDBOX_ZYGOTE, "--uid", uid]
+
+
+class _Worker:
+    """One warm zygote process and the lock-step JSON conversation with it."""
+
+    def __init__(self, command: list[str], environment: dict[str, str], home: Path) -> None:
+        self.command, self.environment, self.home = command, environment, home
+        self.lock = threading.Lock()
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[str]:
+        environment = self.environment
+        if self.command[0] == "bwrap":  # bwrap clears the environment itself and sets ours inside
+            setenv = [arg for name, value in environment.items() for arg in ("--setenv", name, value)]
+            command = self.command[: self.command.index("--clearenv") + 1] + setenv + self.command[self.command.index("--clearenv") + 1:]
+            environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        else:
+            command = self.command
+        # stderr goes to a file: a pipe nobody reads would block a chatty worker.
+        log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=self.home, delete=False)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                   env=environment, cwd=self.home)
+        ready = process.stdout.readline() if process.stdout else ""
+        if not ready.startswith('{"ready"'):
+            raise RuntimeError(f"the sandbox worker did not start: {Path(log.name).read_text().strip()[-500:] or ready}")
+        return process
+
+    def ask(self, request: dict, timeout: float) -> dict:
+        assert self.process.stdin and self.process.stdout
+        with self.lock:
+            if self.process.poll() is not None:  # a worker that died is replaced, not trusted
+                self.process = self._start()
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        if not line:
+            self.process.kill()
+            return {"cells": [], "status": "crashed", "detail": "the sandbox worker died"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
