@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image as PILImage
@@ -158,7 +157,6 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> Image:
 def run_python(code: str, images: list[Image]) -> tuple[str, list[Image]]:
     """Execute `code` with `image_1..` preloaded; return what it printed and the images it saved."""
     namespace = {f"image_{k + 1}": PILImage.open(io.BytesIO(im.data)) for k, im in enumerate(images)}
-    namespace["np"] = np
     stdout = io.StringIO()
     previous = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch:
@@ -210,7 +208,7 @@ def receipt_task(rng: random.Random) -> Task:
 
 def shapes_task(rng: random.Random) -> Task:
     image = to_png(draw_shapes(rng))
-    code = "arr = np.asarray(image_1.convert('L'))\nprint(round(float((arr < 128).mean()), 3))"
+    code = "import numpy as np\narr = np.asarray(image_1.convert('L'))\nprint(round(float((arr < 128).mean()), 3))"
     answer = run_python(code, [image])[0].strip()
     return Task("What fraction of the image is covered by dark shapes? Answer with 3 decimals.", [image], code, answer,
                 "Estimating an area fraction by eye is unreliable; I will threshold the pixels.")
@@ -338,12 +336,12 @@ SFT_DEFECTS: list[tuple[str, str, str, Builder]] = [
     ("duplicate", "image_dedup", "duplicate_image", _duplicate),
     ("no_final_answer", "format", "no_final_answer", _no_final_answer),
     ("unanswered_call", "format", "unanswered_tool_call", _unanswered_call),
-    ("name_error", "execution_failure", "execution_failure", _failing("print(totl)", "42\n")),
-    ("zero_division", "execution_failure", "execution_failure", _failing("rate = 10 / 0\nprint(rate)", "inf\n")),
-    ("syntax_error", "execution_failure", "execution_failure", _failing("print('unclosed'", "unclosed\n")),
-    ("infinite_loop", "execution_failure", "execution_failure", _failing("while True:\n    pass", "done\n")),
-    ("altered_number", "consistency", "consistency", _altered_number),
-    ("altered_image", "consistency", "consistency", _altered_image),
+    ("name_error", "execution_failure", "code_error", _failing("print(totl)", "42\n")),
+    ("zero_division", "execution_failure", "code_error", _failing("rate = 10 / 0\nprint(rate)", "inf\n")),
+    ("syntax_error", "execution_failure", "syntax_error", _failing("print('unclosed'", "unclosed\n")),
+    ("infinite_loop", "execution_failure", "timeout", _failing("while True:\n    pass", "done\n")),
+    ("altered_number", "consistency", "inconsistent_output", _altered_number),
+    ("altered_image", "consistency", "inconsistent_image", _altered_image),
     ("trivial", "base_model_solvable", "solvable", _trivial),
     ("pointless_tool", "strategic_tool_judge", "not_strategic", _pointless),
 ]

@@ -236,7 +236,7 @@ def run_cell(code: str, index: int, namespace: dict, scratch: str) -> dict:
         exec(compile(code, f"<cell {index}>", "exec"), namespace)  # noqa: S102 - isolated, that is the point
     except BaseException as exc:  # SystemExit and KeyboardInterrupt from the code are its errors too
         error = f"{type(exc).__name__}: {exc}"
-        trace = "".join(traceback.format_exception(exc)[-6:])
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))  # from the cell on
     finally:
         sys.stdout, sys.stderr = real_stdout, real_stderr
     saved = sorted(

@@ -1,0 +1,64 @@
+"""execution_failure: every code call of the trajectory runs in the sandbox without failing."""
+
+from __future__ import annotations
+
+from curate.sample import Sample
+from curate.sandbox import Sandbox, SandboxOptions
+from curate.sandbox.trajectory import code_calls, execute_many, other_tools
+from curate.stage import KEEP, Stage, StageContext, Verdict, reject
+
+
+class ExecutionFailure(Stage):
+    """Re-executes the trajectory's code calls in order, in one interpreter state, and rejects it when one fails.
+
+    Reasons: `syntax_error` (the code cannot be parsed), `code_error` (it raises), `timeout` (wall-clock or
+    CPU time limit), `limit_exceeded` (memory, processes, file size), `sandbox_crash`. The detail names the
+    call and its message, the error, and the last lines of the traceback. Non-code tools (search) are left
+    alone and listed in `meta.execution_failure.other_tools`.
+    """
+
+    name = "execution_failure"
+    batch_size = 16
+    Options = SandboxOptions
+
+    def setup(self, context: StageContext) -> None:
+        self.sandbox = Sandbox(self.options)
+
+    def teardown(self) -> None:
+        self.sandbox.close()
+
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        with_code = [sample for sample in batch if code_calls(sample)]
+        records = dict(zip((id(s) for s in with_code), execute_many(self.sandbox, with_code)))
+        return [self._verdict(sample, records.get(id(sample))) for sample in batch]
+
+    def _verdict(self, sample: Sample, record: dict | None) -> Verdict:
+        calls = code_calls(sample)
+        sample.meta[self.name] = {"code_calls": len(calls), "other_tools": other_tools(sample),
+                                  "isolation": self.sandbox.level}
+        if record is None:
+            return KEEP
+        for index, cell in enumerate(record["cells"]):
+            if cell["error"]:
+                traceback_tail = "\n".join(cell["traceback"].strip().splitlines()[-3:])
+                return reject(_error_reason(cell["error"]),
+                              f"call {index} (message {calls[index].message_index}): {cell['error']}\n{traceback_tail}")
+        if record["status"] != "ok":
+            index = len(record["cells"])
+            where = f"call {index} (message {calls[index].message_index})" if index < len(calls) else "after the last call"
+            return reject(_status_reason(record["status"], record["detail"]), f"{where}: {record['detail']}")
+        return KEEP
+
+
+def _error_reason(error: str) -> str:
+    if error.startswith(("SyntaxError", "IndentationError", "TabError")):
+        return "syntax_error"
+    if error.startswith("MemoryError") or "[Errno 27]" in error or (error.startswith("BlockingIOError") and "[Errno 11]" in error):
+        return "limit_exceeded"  # address space, file size, process count
+    return "code_error"
+
+
+def _status_reason(status: str, detail: str) -> str:
+    if status == "timeout" or "SIGXCPU" in detail:
+        return "timeout"
+    return "limit_exceeded" if status == "killed" else "sandbox_crash"
