@@ -211,14 +211,14 @@ class Shown:
     def __init__(self) -> None:
         self.images: list[bytes] = []
 
-    def figure(self, *args: object, **kwargs: object) -> None:
+    def figure(self) -> None:
         for number in plt.get_fignums():
             buffer = io.BytesIO()
             plt.figure(number).savefig(buffer, format="png")
             self.images.append(buffer.getvalue())
         plt.close("all")
 
-    def pil(self, image: Image.Image, *args: object, **kwargs: object) -> None:
+    def pil(self, image: Image.Image) -> None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         self.images.append(buffer.getvalue())
@@ -227,7 +227,9 @@ class Shown:
 def run_cell(code: str, index: int, namespace: dict, scratch: str) -> dict:
     before = {name: os.stat(name).st_mtime_ns for name in os.listdir(scratch)}
     shown = Shown()
-    plt.show, Image.Image.show = shown.figure, shown.pil  # type: ignore[method-assign]
+    # Plain functions, not bound methods: pyplot sets attributes on its show().
+    plt.show = lambda *args, **kwargs: shown.figure()  # type: ignore[assignment]
+    Image.Image.show = lambda image, *args, **kwargs: shown.pil(image)  # type: ignore[method-assign]
     stdout, stderr = io.StringIO(), io.StringIO()
     error, trace = "", ""
     real_stdout, real_stderr = sys.stdout, sys.stderr
