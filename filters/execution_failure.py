@@ -12,7 +12,8 @@ class ExecutionFailure(Stage):
     """Re-executes the trajectory's code calls in order, in one interpreter state, and rejects it when one fails.
 
     Reasons: `syntax_error` (the code cannot be parsed), `code_error` (it raises), `timeout` (wall-clock or
-    CPU time limit), `limit_exceeded` (memory, processes, file size), `sandbox_crash`. The detail names the
+    CPU time limit), `limit_exceeded` (memory, processes, file size), `bad_input` (an input image cannot be
+    opened as `image_N`), `sandbox_crash`. The detail names the
     call and its message, the error, and the last lines of the traceback. Non-code tools (search) are left
     alone and listed in `meta.execution_failure.other_tools`.
     """
@@ -61,4 +62,4 @@ def _error_reason(error: str) -> str:
 def _status_reason(status: str, detail: str) -> str:
     if status == "timeout" or "SIGXCPU" in detail:
         return "timeout"
-    return "limit_exceeded" if status == "killed" else "sandbox_crash"
+    return {"killed": "limit_exceeded", "setup_failed": "bad_input"}.get(status, "sandbox_crash")

@@ -164,3 +164,10 @@ def test_no_worker_survives_close() -> None:
     pids = [worker.process.pid for worker in sandbox._workers]
     sandbox.close()
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_unopenable_input_image_is_reported_not_silently_passed() -> None:
+    with Sandbox(SandboxOptions(parallelism=1)) as sandbox:
+        result = sandbox.run(["print(1)"], {"image_1.png": b"not an image"}, ["image_1.png"])
+    assert result.status == "setup_failed" and result.cells == []
+    assert "cannot open the input images: UnidentifiedImageError" in result.detail

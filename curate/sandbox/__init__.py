@@ -68,7 +68,7 @@ class CellResult:
 @dataclass
 class TrajectoryResult:
     cells: list[CellResult]
-    status: str  # ok | timeout | killed | crashed
+    status: str  # ok | timeout | killed | crashed | setup_failed
     detail: str = ""
 
 

@@ -6,7 +6,7 @@ curate that the sandbox can see. Protocol over stdin / stdout, one JSON object p
     request:  {"cells": [code, ...], "images": {name: base64}, "preload": [name, ...],
                "timeout": s, "memory_mb": n, "cpu_seconds": n, "max_processes": n, "max_file_mb": n}
     response: {"cells": [{"stdout", "stderr", "error", "traceback", "images": [base64 png, ...]}, ...],
-               "status": "ok" | "timeout" | "killed" | "crashed", "detail": str}
+               "status": "ok" | "timeout" | "killed" | "crashed" | "setup_failed", "detail": str}
 
 The child runs as an unprivileged user (when the worker is root) with resource limits, in a fresh
 scratch directory that is deleted afterwards; the worker is a child subreaper and kills every
@@ -104,12 +104,19 @@ def collect(pid: int, read_fd: int, timeout: float) -> tuple[list[dict], str, st
     if status == "ok" and os.WIFSIGNALED(wait_status):
         signal_name = signal.Signals(os.WTERMSIG(wait_status)).name
         status, detail = "killed", f"killed by {signal_name}" + (" (CPU time limit)" if signal_name == "SIGXCPU" else "")
+    elif status == "ok" and os.WEXITSTATUS(wait_status) != 0:
+        status, detail = "crashed", f"the trajectory's process exited with status {os.WEXITSTATUS(wait_status)}"
     cells = []
     for line in buffer.splitlines():
         try:
-            cells.append(json.loads(line))
+            cell = json.loads(line)
         except json.JSONDecodeError:
             status, detail = "crashed", "unreadable result from the child"
+            continue
+        if "setup_error" in cell:
+            status, detail = "setup_failed", cell["setup_error"]
+        else:
+            cells.append(cell)
     return cells, status, detail
 
 
@@ -151,9 +158,14 @@ def child(request: dict, scratch: str, write_fd: int) -> None:
         drop_privileges(scratch)
         apply_limits(request)
         os.chdir(scratch)
-        namespace = preloaded(request)
         owner = os.getpid()
         with os.fdopen(write_fd, "w") as out:
+            try:
+                namespace = preloaded(request)
+            except Exception as exc:  # a corrupt input image: the trajectory cannot even start
+                out.write(json.dumps({"setup_error": f"cannot open the input images: {type(exc).__name__}: {exc}"}) + "\n")
+                out.flush()
+                os._exit(0)
             for index, code in enumerate(request["cells"]):
                 result = run_cell(code, index, namespace, scratch)
                 if os.getpid() != owner:  # a process the code forked: only the trajectory itself reports
