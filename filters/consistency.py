@@ -6,13 +6,13 @@ import imagehash
 from pydantic import Field
 
 from curate.sample import Sample
-from curate.sandbox import Sandbox, SandboxOptions
+from curate.sandbox import SandboxOptions
 from curate.sandbox.compare import recorded_stdout, same_output, short_diff
-from curate.sandbox.trajectory import code_calls, execute_many, image_hash
-from curate.stage import KEEP, Stage, StageContext, Verdict, reject
+from curate.sandbox.trajectory import SandboxStage, code_calls, image_hash
+from curate.stage import KEEP, Verdict, reject
 
 
-class Consistency(Stage):
+class Consistency(SandboxStage):
     """Compares each code call's recorded observation with a re-execution; rejects the trajectory on a mismatch.
 
     Text is compared after normalisation (whitespace, numbers with `rel_tol`, numpy array reprs; memory
@@ -24,27 +24,20 @@ class Consistency(Stage):
     """
 
     name = "consistency"
-    batch_size = 16
 
     class Options(SandboxOptions):
         rel_tol: float = Field(default=1e-6, ge=0, description="relative tolerance for numbers")
         max_image_distance: int = Field(default=10, ge=0, le=64, description="largest phash distance between images")
         recheck_nondeterminism: bool = Field(default=True, description="re-run mismatching trajectories once")
 
-    def setup(self, context: StageContext) -> None:
-        self.sandbox = Sandbox(self.options)
-
-    def teardown(self) -> None:
-        self.sandbox.close()
-
     def process(self, batch: list[Sample]) -> list[Verdict]:
-        with_code = [sample for sample in batch if code_calls(sample)]
-        records = execute_many(self.sandbox, with_code)
-        mismatches = {id(s): self._mismatches(s, r) for s, r in zip(with_code, records)}
-        suspects = [(sample, record) for sample, record in zip(with_code, records) if mismatches[id(sample)]]
+        records = self.executed(batch)
+        mismatches = {id(s): self._mismatches(s, records[id(s)]) for s in batch if id(s) in records}
+        suspects = [sample for sample in batch if mismatches.get(id(sample))]
         if suspects and self.options.recheck_nondeterminism:
-            again = execute_many(self.sandbox, [sample for sample, _ in suspects], fresh=True)
-            for (sample, first), second in zip(suspects, again):
+            again = self.executed(suspects, fresh=True)
+            for sample in suspects:
+                first, second = records[id(sample)], again[id(sample)]
                 unstable = {i for i, (a, b) in enumerate(zip(first["cells"], second["cells"])) if not self._same_cell(a, b)}
                 sample.meta[self.name]["nondeterministic"] = sorted(unstable)
                 mismatches[id(sample)] = [m for m in mismatches[id(sample)] if m[0] not in unstable]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from curate.sample import Sample
-from curate.sandbox import Sandbox, SandboxOptions
-from curate.sandbox.trajectory import code_calls, execute_many, other_tools
-from curate.stage import KEEP, Stage, StageContext, Verdict, reject
+from curate.sandbox.trajectory import SandboxStage, code_calls, other_tools
+from curate.stage import KEEP, Verdict, reject
 
 
-class ExecutionFailure(Stage):
+class ExecutionFailure(SandboxStage):
     """Re-executes the trajectory's code calls in order, in one interpreter state, and rejects it when one fails.
 
     Reasons: `syntax_error` (the code cannot be parsed), `code_error` (it raises), `timeout` (wall-clock or
@@ -19,18 +18,9 @@ class ExecutionFailure(Stage):
     """
 
     name = "execution_failure"
-    batch_size = 16
-    Options = SandboxOptions
-
-    def setup(self, context: StageContext) -> None:
-        self.sandbox = Sandbox(self.options)
-
-    def teardown(self) -> None:
-        self.sandbox.close()
 
     def process(self, batch: list[Sample]) -> list[Verdict]:
-        with_code = [sample for sample in batch if code_calls(sample)]
-        records = dict(zip((id(s) for s in with_code), execute_many(self.sandbox, with_code)))
+        records = self.executed(batch)
         return [self._verdict(sample, records.get(id(sample))) for sample in batch]
 
     def _verdict(self, sample: Sample, record: dict | None) -> Verdict:

@@ -6,10 +6,10 @@ import io
 from pathlib import Path
 
 import pytest
+from conftest import png_bytes
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from conftest import png_bytes
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
 from curate.sandbox.compare import same_output, tokens
 from curate.stage import StageContext

@@ -12,15 +12,15 @@ import nbclient
 import nbformat
 import polars as pl
 import pytest
-
 from conftest import REPO
+from stage_fixtures import RecordedVsActual
+
 from curate.executor import LocalExecutor
 from curate.formats import get_format, records
 from curate.inspect import Run
 from curate.recipe import load_recipe
 from curate.registry import register_stage
 from curate.rundir import RunDir
-from stage_fixtures import RecordedVsActual
 
 register_stage(RecordedVsActual)
 

@@ -12,8 +12,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import assert_accounting, png_bytes
+
 from curate.executor import LocalExecutor
 from curate.formats import get_format
 from curate.recipe import load_recipe

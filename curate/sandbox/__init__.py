@@ -149,17 +149,18 @@ class Sandbox:
         if self.level == "namespace":
             return [sys.executable, str(ZYGOTE), "--unshare-net", "--uid", uid]
         command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                   "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+                   "--die-with-parent", "--new-session", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev",
+                   # The private /tmp comes first: binds below may live under /tmp (a venv in a temporary clone).
+                   "--size", str(self.options.tmp_mb << 20), "--perms", "1777", "--tmpfs", "/tmp"]
         python_homes = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
         # Folders above the python installation (e.g. /root for a pyenv python) are created traversable
         # and empty, so an unprivileged uid can import the standard library and sees nothing else there.
-        for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/"}):
+        for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/", "/tmp"}):
             command += ["--perms", "0755", "--dir", folder]
         for path in sorted({"/usr", "/lib", "/lib64", "/bin", *python_homes}):
             if Path(path).exists():
                 command += ["--ro-bind", path, path]
-        command += ["--ro-bind", str(ZYGOTE), SANDBOX_ZYGOTE, "--proc", "/proc", "--dev", "/dev",
-                    "--size", str(self.options.tmp_mb << 20), "--perms", "1777", "--tmpfs", "/tmp", "--chdir", "/tmp"]
+        command += ["--ro-bind", str(ZYGOTE), SANDBOX_ZYGOTE, "--chdir", "/tmp"]
         # Only what the worker needs to hand each trajectory to its own uid and clean up after it.
         for capability in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
             command += ["--cap-add", capability]

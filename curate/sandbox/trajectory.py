@@ -16,7 +16,8 @@ import imagehash
 from PIL import Image as PILImage
 
 from curate.sample import Message, Sample, ToolCall
-from curate.sandbox import Sandbox, TrajectoryResult
+from curate.sandbox import Sandbox, SandboxOptions, TrajectoryResult
+from curate.stage import Stage, StageContext
 
 # Thyme questions name the input image's path on the machine that made the data; code opens that path.
 _USER_IMAGE_PATH = re.compile(r'User Image Path:\s*"([^"]+)"')
@@ -138,3 +139,21 @@ def image_hash(data: bytes) -> str | None:
             return str(imagehash.phash(image))
     except Exception:  # an image the code wrote that does not decode compares as different from anything
         return None
+
+
+class SandboxStage(Stage):
+    """Base of stages that re-execute a trajectory's code: one warm sandbox per process, from the options."""
+
+    Options = SandboxOptions
+    batch_size = 16
+
+    def setup(self, context: StageContext) -> None:
+        self.sandbox = Sandbox(self.options)
+
+    def teardown(self) -> None:
+        self.sandbox.close()
+
+    def executed(self, batch: list[Sample], fresh: bool = False) -> dict[int, dict[str, Any]]:
+        """Execution records of the samples that have code calls, by `id(sample)`."""
+        with_code = [sample for sample in batch if code_calls(sample)]
+        return {id(sample): record for sample, record in zip(with_code, execute_many(self.sandbox, with_code, fresh))}

@@ -34,7 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 # Imported once here so every child starts warm, and so a child running as an unprivileged uid does not
 # need to read the python installation for the common modules.
-import collections, csv, datetime, decimal, encodings.idna, fractions, itertools, math, random, re, statistics, string  # noqa: E401, E402, F401
+import collections  # noqa: E401, E402, F401
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy  # noqa: E402, F401
 from PIL import Image  # noqa: E402
