@@ -10,6 +10,7 @@ import hashlib
 import io
 import re
 from dataclasses import dataclass
+from itertools import takewhile
 from typing import Any
 
 import imagehash
@@ -34,7 +35,9 @@ def code_calls(sample: Sample) -> list[CodeCall]:
     """Python calls with code, each with the tool turn that answers it (in order, or by call id)."""
     calls: list[CodeCall] = []
     for index, message in enumerate(sample.messages):
-        following = _take_while_tool(sample.messages[index + 1 :])
+        if not message.tool_calls:
+            continue
+        following = list(takewhile(lambda m: m.role == "tool", sample.messages[index + 1 :]))
         for position, call in enumerate(message.tool_calls):
             if call.code is None:
                 continue
@@ -42,15 +45,6 @@ def code_calls(sample: Sample) -> list[CodeCall]:
             observation = by_id[0] if by_id else (following[position] if position < len(following) else None)
             calls.append(CodeCall(index, call, observation))
     return calls
-
-
-def _take_while_tool(messages: list[Message]) -> list[Message]:
-    taken = []
-    for message in messages:
-        if message.role != "tool":
-            break
-        taken.append(message)
-    return taken
 
 
 def other_tools(sample: Sample) -> list[str]:
