@@ -145,3 +145,33 @@ def test_entry_point_plugin_stage_is_found_and_runs(tmp_path: Path, generated: P
     manifest = assert_accounting(tmp_path / "run")
     assert manifest["stages"][1] == {**manifest["stages"][1], "name": "even_rows", "in": 600, "kept": 300,
                                      "reasons": {"odd_row": 300}}
+
+
+def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Path) -> None:
+    import psutil
+
+    data = yaml.safe_load((REPO / "recipes" / "metis_sft.yaml").read_text())
+    data["input"]["paths"] = [{**p, "path": str((REPO / "recipes" / p["path"]).resolve())} for p in data["input"]["paths"]]
+    data["batch_size"] = 16
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    cache = str(tmp_path / "cache.sqlite")
+    curate("run", str(recipe), "--local", "-o", str(tmp_path / "clean"), "--cache", cache, "--no-progress")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed),
+                                "--workers", "2", "--cache", cache, "--no-progress"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state_file = killed / "state" / "state.pkl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (state_file.exists() and pickle.loads(state_file.read_bytes()).batches_done >= 3):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "manifest.json").exists()
+    time.sleep(1)  # bwrap's --die-with-parent and the workers' closed pipes take the sandboxes down
+    ours = {child.pid for child in psutil.Process().children(recursive=True)}  # sandboxes this test process owns
+    survivors = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+                 if "zygote.py" in " ".join(p.info["cmdline"] or []) and p.info["pid"] not in ours]
+    assert not survivors, survivors
+    curate("run", str(recipe), "--local", "-o", str(killed), "--workers", "2", "--cache", cache, "--no-progress")
+    assert result_of(killed) == result_of(tmp_path / "clean")
