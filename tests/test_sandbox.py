@@ -18,7 +18,7 @@ from curate.executor import LocalExecutor
 from curate.formats import get_format
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
-from curate.sandbox import Sandbox, SandboxOptions, isolation_level
+from curate.sandbox import SANDBOX_UIDS, Sandbox, SandboxOptions, isolation_level
 
 SECRET = "sk-curate-test-7f3a9e1b"
 LEVELS = [
@@ -100,8 +100,7 @@ def test_attacks_are_contained_and_rejected_with_the_right_reason(tmp_path: Path
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     time.sleep(0.2)
-    sandbox_uids = range(60000, 60100)
-    assert not [p.info for p in psutil.process_iter(["pid", "uids", "cmdline"]) if p.info["uids"].real in sandbox_uids]
+    assert not [p.info for p in psutil.process_iter(["pid", "uids", "cmdline"]) if p.info["uids"].real in SANDBOX_UIDS]
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -40,6 +40,8 @@ from curate.stage import StageOptions
 ZYGOTE = Path(__file__).with_name("zygote.py")
 SANDBOX_ZYGOTE = "/sandbox/zygote.py"
 FIRST_UID = 60000
+UIDS_PER_SANDBOX = 64  # a sandbox's slots get consecutive uids
+SANDBOX_UIDS = range(FIRST_UID, FIRST_UID + 4096 * UIDS_PER_SANDBOX)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -145,7 +147,9 @@ class Sandbox:
         return environment | {name: "1" for name in THREAD_VARIABLES}
 
     def _command(self, slot: int) -> list[str]:
-        uid = str(FIRST_UID + slot)
+        # Distinct per process and slot: the process limit counts per uid, so concurrent trajectories
+        # (other slots, other executor workers) must not share one.
+        uid = str(FIRST_UID + (os.getpid() % 4096) * UIDS_PER_SANDBOX + slot % UIDS_PER_SANDBOX)
         if self.level == "namespace":
             return [sys.executable, str(ZYGOTE), "--unshare-net", "--uid", uid]
         command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
