@@ -115,7 +115,21 @@ def apply_stages(stages: list[tuple[str, Stage]], samples: list[Sample]) -> Batc
 
 def merge_results(first: BatchResult, second: BatchResult) -> BatchResult:
     """`second` processed `first.kept`; the union is what the batch went through."""
-    return BatchResult(second.kept, first.rejected + second.rejected, {**first.stats, **second.stats})
+    stats = dict(first.stats)
+    for label, more in second.stats.items():
+        if label in stats:  # the stage's preparation ran earlier, in a worker
+            more.add(stats[label])
+        stats[label] = more
+    return BatchResult(second.kept, first.rejected + second.rejected, stats)
+
+
+def prepare_stage(label: str | None, stage: Stage | None, samples: list[Sample]) -> dict[str, StageStats]:
+    """Run a driver stage's `prepare` here (in a worker); its time counts toward that stage."""
+    if label is None or stage is None:
+        return {}
+    started = time.perf_counter()
+    stage.prepare(samples)
+    return {label: StageStats(label, seconds=time.perf_counter() - started)}
 
 
 # --- worker processes ---------------------------------------------------------
@@ -133,13 +147,20 @@ def _init_worker(specs: list[StageSpec], context: StageContext, teardown_at_exit
             multiprocessing.util.Finalize(None, stage.teardown, exitpriority=10)
 
 
-def _worker_read_and_filter(sources: list[SourceReader], rows: list[Row], labels: list[str]) -> BatchResult:
+def _worker_read_and_filter(sources: list[SourceReader], rows: list[Row], labels: list[str],
+                            prepare: str | None) -> BatchResult:
     parsed = parse_rows(sources, rows)
-    return merge_results(parsed, apply_stages([(label, _worker_stages[label]) for label in labels], parsed.kept))
+    return _worker_filter(labels, parsed.kept, prepare, parsed)
 
 
-def _worker_filter(labels: list[str], samples: list[Sample]) -> BatchResult:
-    return apply_stages([(label, _worker_stages[label]) for label in labels], samples)
+def _worker_filter(labels: list[str], samples: list[Sample], prepare: str | None,
+                   before: BatchResult | None = None) -> BatchResult:
+    """Worker stages `labels` on `samples`, then the preparation of the driver stage that follows them."""
+    result = apply_stages([(label, _worker_stages[label]) for label in labels], samples)
+    if before is not None:
+        result = merge_results(before, result)
+    result.stats.update(prepare_stage(prepare, _worker_stages.get(prepare or ""), result.kept))
+    return result
 
 
 # --- the driver ----------------------------------------------------------------
@@ -190,7 +211,8 @@ class LocalExecutor:
                 stage.load_state_dict(state.stage_states[label])
         bars = self._progress_bars(labels, state)
         try:
-            worker_specs = [spec for spec in self.recipe.stages if spec.label not in local]
+            # Workers also get the driver stages that prepare in them (e.g. image hashing before a dedup index).
+            worker_specs = [spec for spec in self.recipe.stages if spec.label not in local or local[spec.label].has_prepare()]
             with self._pool(worker_specs) as pool:
                 for result, rows in self._batches(pool, plan, local, state):
                     for label, stats in result.stats.items():
@@ -228,6 +250,13 @@ class LocalExecutor:
         """Submit batches to the workers (bounded), then finish each in order in this process."""
         first_in_workers = plan[0][1] if plan and plan[0][0] else []
         rest = plan[1:] if first_in_workers else plan
+
+        def prepared_next(position: int) -> str | None:
+            """The driver stage at rest[position], if it prepares in the workers."""
+            if position < len(rest) and not rest[position][0] and local[rest[position][1][0]].has_prepare():
+                return rest[position][1][0]
+            return None
+
         rows = self._rows(state.rows_done)
         in_flight: list[tuple[Future[BatchResult], int]] = []
         while True:
@@ -235,25 +264,26 @@ class LocalExecutor:
                 batch = list(islice(rows, self.recipe.batch_size))
                 if not batch:
                     break
-                in_flight.append((pool.submit(_worker_read_and_filter, self.sources, batch, first_in_workers), len(batch)))
+                future = pool.submit(_worker_read_and_filter, self.sources, batch, first_in_workers, prepared_next(0))
+                in_flight.append((future, len(batch)))
             if not in_flight:
                 return
             future, count = in_flight.pop(0)
             result = future.result()
-            for in_workers, group in rest:
+            for position, (in_workers, group) in enumerate(rest):
                 if in_workers:
-                    more = self._fan_out(pool, group, result.kept)
+                    more = self._fan_out(pool, group, result.kept, prepared_next(position + 1))
                 else:
                     more = apply_stages([(label, local[label]) for label in group], result.kept)
                 result = merge_results(result, more)
             yield result, count
 
-    def _fan_out(self, pool: Any, labels: list[str], samples: list[Sample]) -> BatchResult:
+    def _fan_out(self, pool: Any, labels: list[str], samples: list[Sample], prepare: str | None) -> BatchResult:
         """Split one batch over the workers for a CPU segment that follows a driver stage."""
         size = max(1, -(-len(samples) // self.workers))
-        futures = [pool.submit(_worker_filter, labels, samples[i : i + size]) for i in range(0, len(samples), size)]
+        futures = [pool.submit(_worker_filter, labels, samples[i : i + size], prepare) for i in range(0, len(samples), size)]
         results = [f.result() for f in futures]
-        stats = {label: StageStats(label) for label in labels}
+        stats = {label: StageStats(label) for label in labels + ([prepare] if prepare else [])}
         for result in results:
             for label, s in result.stats.items():
                 stats[label].add(s)

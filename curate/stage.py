@@ -85,6 +85,13 @@ class Stage:
         """Judge a batch; may annotate `sample.meta[self.name]`."""
         return [as_verdict(self.check(sample), self.name) for sample in batch]
 
+    def prepare(self, batch: list[Sample]) -> None:
+        """Stateless work a stage that runs in the driver can hand to the worker processes beforehand
+        (it may annotate meta for `process` to use), e.g. hashing images before a stateful index."""
+
+    def has_prepare(self) -> bool:
+        return type(self).prepare is not Stage.prepare
+
     def check(self, sample: Sample) -> bool | Verdict:
         raise NotImplementedError(f"stage {self.name!r} implements neither check() nor process()")
 

@@ -35,8 +35,13 @@ class ImageDedup(Stage):
     def setup(self, context: StageContext) -> None:
         self.index = HashIndex(self.options.max_distance, bits=self.options.hash_size**2)
 
+    def prepare(self, batch: list[Sample]) -> None:
+        """Hash in the worker processes; the index, which needs every row in order, stays in the driver."""
+        for sample in batch:
+            sample.meta[self.name] = {"hash": self._hash_kind, "hashes": self._hex_hashes(sample)}
+
     def process(self, batch: list[Sample]) -> list[Verdict]:
-        hashes = [[self._hash(image.data) for image in sample.images] for sample in batch]
+        hashes = [self._prepared(sample) for sample in batch]
         # Images that do not decode are left to image_integrity; their index stays in the detail.
         decodable = [[(k, h) for k, h in enumerate(values) if h is not None] for values in hashes]
         matches = self.index.dedup_batch(
@@ -45,13 +50,29 @@ class ImageDedup(Stage):
         )
         verdicts: list[Verdict] = []
         for sample, values, pairs, match in zip(batch, hashes, decodable, matches):
-            sample.meta[self.name] = {"hashes": [None if h is None else f"{h:x}" for h in values]}
+            sample.meta[self.name] = {"hash": self._hash_kind, "hashes": [None if h is None else f"{h:x}" for h in values]}
             if match is None:
                 verdicts.append(KEEP)
             else:
                 member, earlier, distance = match
                 verdicts.append(reject("duplicate_image", f"image {pairs[member][0]} is {distance} bits from image {earlier}"))
         return verdicts
+
+    @property
+    def _hash_kind(self) -> str:
+        return f"{self.options.hash}-{self.options.hash_size}"
+
+    def _hex_hashes(self, sample: Sample) -> list[str | None]:
+        return [None if h is None else f"{h:x}" for h in (self._hash(image.data) for image in sample.images)]
+
+    def _prepared(self, sample: Sample) -> list[int | None]:
+        """The sample's hashes: from `prepare` when it ran with these options, else computed now."""
+        annotation = sample.meta.get(self.name)
+        if isinstance(annotation, dict) and annotation.get("hash") == self._hash_kind:
+            hexes = annotation["hashes"]
+        else:
+            hexes = self._hex_hashes(sample)
+        return [None if h is None else int(h, 16) for h in hexes]
 
     def _hash(self, data: bytes) -> int | None:
         """The perceptual hash as an int; None for an image that does not decode (image_integrity's job)."""

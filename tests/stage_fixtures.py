@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 from pydantic import Field
 
@@ -76,3 +77,18 @@ class RecordedVsActual(Stage):
         sample.meta[self.name] = {"comparisons": comparisons, "score": len(comparisons)}
         differ = [c for c in comparisons if c["recorded"] != c["actual"]]
         return reject("mismatch", f"call {differ[0]['call']} differs") if differ else KEEP
+
+
+class PreparedInWorkers(Stage):
+    """Stateful (runs in the driver) with a `prepare` step: records which process did which part."""
+
+    name = "prepared_in_workers"
+    stateful = True
+
+    def prepare(self, batch: list[Sample]) -> None:
+        for sample in batch:
+            sample.meta[self.name] = {"prepared_in": os.getpid()}
+
+    def check(self, sample: Sample) -> bool:
+        sample.meta.setdefault(self.name, {})["processed_in"] = os.getpid()
+        return "prepared_in" in sample.meta[self.name]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import assert_accounting, messages_row, shard_ids, write_jsonl
-from stage_fixtures import Explode, FirstN, HashBucket
+from stage_fixtures import Explode, FirstN, HashBucket, PreparedInWorkers
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor, StageError
@@ -18,7 +18,7 @@ from curate.registry import register_stage
 from curate.rundir import RunDir, write_parquet_atomic
 from curate.sample import ROW_SCHEMA
 
-for stage in (HashBucket, FirstN, Explode):
+for stage in (HashBucket, FirstN, Explode, PreparedInWorkers):
     register_stage(stage)
 
 
@@ -137,3 +137,17 @@ def test_finished_run_is_not_redone(tmp_path: Path, messages_file: Path) -> None
     mtime = (tmp_path / "run" / "manifest.json").stat().st_mtime_ns
     assert run(tmp_path, recipe, "run") == first
     assert (tmp_path / "run" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_driver_stage_prepares_in_the_workers(tmp_path: Path, messages_file: Path, workers: int) -> None:
+    stages = [{"hash_bucket": {"buckets": 3}}, {"prepared_in_workers": {}}, {"hash_bucket": {"buckets": 5}}]
+    manifest = run(tmp_path, make_recipe(tmp_path, messages_file, stages), "run", workers=workers)
+    kept = [json.loads(meta)["prepared_in_workers"] for meta in pq.read_table(tmp_path / "run" / "kept").column("meta").to_pylist()]
+    rejected = pq.read_table(tmp_path / "run" / "rejected").to_pylist()
+    later = [json.loads(r["meta"])["prepared_in_workers"] for r in rejected if r["stage"] == "hash_bucket#2"]
+    pids = {(m["prepared_in"] == m["processed_in"]) for m in kept + later}
+    assert pids == {workers == 1}  # with worker processes, preparation happened in one of them
+    funnel = {s["name"]: s for s in manifest["stages"]}
+    assert funnel["prepared_in_workers"]["rejected"] == 0
+    assert funnel["prepared_in_workers"]["in"] == funnel["hash_bucket"]["kept"]
