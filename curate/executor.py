@@ -137,11 +137,14 @@ def prepare_stage(label: str | None, stage: Stage | None, samples: list[Sample])
 _worker_stages: dict[str, Stage] = {}
 
 
-def _init_worker(specs: list[StageSpec], context: StageContext, teardown_at_exit: bool = True) -> None:
+def _init_worker(specs: list[StageSpec], context: StageContext, prepare_only: set[str],
+                 teardown_at_exit: bool = True) -> None:
     for spec in specs:
         stage = spec.build()
-        stage.setup(context)
         _worker_stages[spec.label] = stage
+        if spec.label in prepare_only:  # a driver stage's instance for `prepare`: options only, no heavy state
+            continue
+        stage.setup(context)
         if teardown_at_exit:
             # Finalize runs when a worker process exits normally, so stages release what they hold.
             multiprocessing.util.Finalize(None, stage.teardown, exitpriority=10)
@@ -200,7 +203,7 @@ class LocalExecutor:
         labels = [READ_STAGE] + [spec.label for spec in self.recipe.stages]
         for label in labels:
             state.stats.setdefault(label, StageStats(label))
-        # Only stages that run here are built in this process; worker stages are built in the workers.
+        # Every stage is built here to read its declarations; only those that run here are set up here.
         stages = {spec.label: spec.build() for spec in self.recipe.stages}
         plan = segments(self.recipe.stages, stages)
         local = {label: stages[label] for in_workers, group in plan if not in_workers for label in group}
@@ -212,8 +215,9 @@ class LocalExecutor:
         bars = self._progress_bars(labels, state)
         try:
             # Workers also get the driver stages that prepare in them (e.g. image hashing before a dedup index).
-            worker_specs = [spec for spec in self.recipe.stages if spec.label not in local or local[spec.label].has_prepare()]
-            with self._pool(worker_specs) as pool:
+            prepare_only = {label for label, stage in local.items() if stage.has_prepare()}
+            worker_specs = [spec for spec in self.recipe.stages if spec.label not in local or spec.label in prepare_only]
+            with self._pool(worker_specs, prepare_only) as pool:
                 for result, rows in self._batches(pool, plan, local, state):
                     for label, stats in result.stats.items():
                         state.stats[label].add(stats)
@@ -227,14 +231,14 @@ class LocalExecutor:
                 bar.close()
         return self.run_dir.finalize(state, self.recipe.output_kind, self.recipe.shard_rows)
 
-    def _pool(self, worker_specs: list[StageSpec]) -> ProcessPoolExecutor | _InlinePool:
+    def _pool(self, worker_specs: list[StageSpec], prepare_only: set[str]) -> ProcessPoolExecutor | _InlinePool:
         if self.workers == 1:
-            return _InlinePool(worker_specs, self.context)
+            return _InlinePool(worker_specs, self.context, prepare_only)
         return ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(worker_specs, self.context),
+            initargs=(worker_specs, self.context, prepare_only),
         )
 
     def _rows(self, skip: int) -> Iterator[Row]:
@@ -312,16 +316,17 @@ class LocalExecutor:
 class _InlinePool:
     """The pool interface, run in this process: `--workers 1` needs no processes."""
 
-    def __init__(self, specs: list[StageSpec], context: StageContext) -> None:
-        self.specs, self.context = specs, context
+    def __init__(self, specs: list[StageSpec], context: StageContext, prepare_only: set[str]) -> None:
+        self.specs, self.context, self.prepare_only = specs, context, prepare_only
 
     def __enter__(self) -> _InlinePool:
-        _init_worker(self.specs, self.context, teardown_at_exit=False)
+        _init_worker(self.specs, self.context, self.prepare_only, teardown_at_exit=False)
         return self
 
     def __exit__(self, *_: object) -> None:
-        for stage in _worker_stages.values():
-            stage.teardown()
+        for label, stage in _worker_stages.items():
+            if label not in self.prepare_only:
+                stage.teardown()
         _worker_stages.clear()
 
     def submit(self, fn: Any, *args: Any) -> Future[Any]:

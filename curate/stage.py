@@ -87,7 +87,8 @@ class Stage:
 
     def prepare(self, batch: list[Sample]) -> None:
         """Stateless work a stage that runs in the driver can hand to the worker processes beforehand
-        (it may annotate meta for `process` to use), e.g. hashing images before a stateful index."""
+        (it may annotate meta for `process` to use), e.g. hashing images before a stateful index.
+        It runs on an instance that was never set up: it may use the options, not setup's state."""
 
     def has_prepare(self) -> bool:
         return type(self).prepare is not Stage.prepare
