@@ -95,6 +95,26 @@ def decode_record(record: Any) -> dict[str, Any]:
     return record
 
 
+def json_object(value: Any, label: str) -> dict[str, Any]:
+    """A free-form mapping stored as an object, as JSON text of one (parquet-friendly), or absent."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise MalformedRow(f"'{label}' is not valid JSON ({exc.msg})") from exc
+    if not isinstance(value, dict):
+        raise MalformedRow(f"'{label}' must be an object, got {type(value).__name__}")
+    return value
+
+
+def check_suffix(path: Path, format_name: str, suffixes: tuple[str, ...]) -> None:
+    """Writers refuse a file type they cannot write rather than put one layout under another's name."""
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{path}: the {format_name} format writes {' or '.join(suffixes)} files, not {path.suffix or 'no suffix'!r}")
+
+
 def raw_text(record: Any) -> str:
     """The raw row as text, kept whole with a malformed row's rejection."""
     if isinstance(record, str):

@@ -1,33 +1,39 @@
 """DeepEyesV2 SFT files: LLaMA-Factory "sharegpt" `{messages: [{role, content}], images: [paths]}`.
 
-Code calls are written inline as `<code>` + a fenced python block + `</code>` (often after
-`<think>...</think>`), search calls as `<tool_call>{"name": "search", ...}</tool_call>`. Code results
-come back in a user turn "Code execution result:\\nstdout:\\n```...```\\nstderr:\\n```...```" followed by
-`<image>` placeholders; search results in `<tool_response>...</tool_response>`. The canonical tool turn
-holds the plain stdout when stderr is empty (the layout is rebuilt on writing) and the text verbatim
-otherwise. Files are JSON arrays (or JSONL); image paths are relative to the file.
+Verified (Visual-Agent/DeepEyesV2 `cold_start/data/dataset_info.json`): `sft_part_{0-4}.json`, sharegpt
+formatting with `messages`/`images` columns and only system/user/assistant roles, so observations come
+back as user turns. Code calls are written inline as `<code>` + a fenced python block + `</code>` (often
+after `<think>...</think>`), search calls as `<tool_call>{"name": "search"|"image_search", ...}</tool_call>`.
+Code results come back in a user turn "Code execution result:\\nstdout:\\n```...```\\nstderr:\\n```...```"
+followed by `<image>` placeholders; search results in `<tool_response>...</tool_response>`. The
+repository's evaluation loop writes the code result with blank lines and a trailing "Images:" line;
+whether the SFT files do too could not be checked, so both read alike.
+
+Canonical tool turns are linked to their call (`call_<k>` ids) and hold the plain stdout and images
+when stderr is empty (the block is rebuilt on writing), the text verbatim otherwise. Files are JSON
+arrays (or JSONL); image paths are relative to the file. The writer puts images in
+`<stem>_images/` next to the file.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from curate.formats import Format, MalformedRow, decode_record, register_format
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, register_format
 from curate.formats.chat import parse_chat, render_chat
 from curate.formats.common import ImageFolder, decode_answer, decode_images, encode_answer, row_id, write_json_rows
 from curate.formats.inline import (
     CODE_RESULT_PREFIX,
+    IMAGE_TOKEN,
+    inline_tool_row,
+    link_calls,
     render_code_result,
     render_tool_response,
-    unwrap_code_result,
-    unwrap_tool_response,
+    unwrap_observation,
 )
 from curate.sample import Sample, ToolCall
-
-_MARKS = ("<code>", CODE_RESULT_PREFIX)
 
 
 @register_format
@@ -36,10 +42,7 @@ class DeepEyesFormat(Format):
     description = "DeepEyesV2 LLaMA-Factory sharegpt JSON (<code> blocks, 'Code execution result' turns)"
 
     def sniff(self, record: Any) -> bool:
-        messages = record.get("messages")
-        if not isinstance(messages, list) or "tool_calls" in json.dumps(messages):
-            return False
-        return any(isinstance(m, dict) and any(mark in str(m.get("content")) for mark in _MARKS) for m in messages)
+        return inline_tool_row(record)
 
     def parse(self, record: Any, base_dir: Path) -> Sample:
         row = decode_record(record)
@@ -49,17 +52,18 @@ class DeepEyesFormat(Format):
         return Sample(
             id=row_id(row, row["messages"], [im.data for im in images]),
             source=str(row.get("source") or self.name),
-            messages=parse_chat(row["messages"], images, base_dir, _unwrap_observation),
+            messages=link_calls(parse_chat(row["messages"], images, base_dir, unwrap_observation)),
             images=images,
             answer=decode_answer(row.get("answer")),
         )
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
+        check_suffix(path, self.name, (".json", ".jsonl"))
         folder = ImageFolder(path)
         rows = []
         for sample in samples:
             turns, images = render_chat(sample, code_blocks=True, wrap=_wrap_observation)
-            row: dict[str, Any] = {"id": sample.id, "messages": turns,
+            row: dict[str, Any] = {"id": sample.id, "source": sample.source, "messages": turns,
                                    "images": [folder.save(sample.id, k, im) for k, im in enumerate(images)]}
             if sample.answer is not None:
                 row["answer"] = encode_answer(sample.answer)
@@ -67,22 +71,18 @@ class DeepEyesFormat(Format):
         return write_json_rows(rows, path)
 
 
-def _unwrap_observation(text: str) -> str:
-    return unwrap_code_result(unwrap_tool_response(text))
-
-
 def _wrap_observation(call: ToolCall | None, text: str) -> str:
-    if text.startswith(CODE_RESULT_PREFIX):
+    if text.startswith(CODE_RESULT_PREFIX):  # kept verbatim on reading (stderr or prose after the block)
         return text
     if call is not None and call.name == "python":
-        stdout, image_tail = _split_trailing_images(text)
-        return render_code_result(stdout) + image_tail
+        stdout, images = _split_trailing_images(text)
+        return render_code_result(stdout) + images
     return render_tool_response(text)
 
 
 def _split_trailing_images(text: str) -> tuple[str, str]:
     """DeepEyesV2 puts a code result's images after the stdout/stderr block."""
     stdout = text
-    while stdout.endswith("<image>"):
-        stdout = stdout[: -len("<image>")]
+    while stdout.endswith(IMAGE_TOKEN):
+        stdout = stdout[: -len(IMAGE_TOKEN)]
     return stdout, text[len(stdout):]

@@ -1,12 +1,16 @@
 """Inline tool syntax found in trajectory text, parsed to and rendered from canonical tool calls.
 
-- `<code>` + a fenced python block + `</code>` (DeepEyesV2, Thyme, V-Thinker)
+- `<code>` + a fenced python block + `</code>` (DeepEyesV2, Thyme, V-Thinker; a bare `<code>...</code>`
+  without the fence is read too)
 - `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Metis, DeepEyesV2 search, Qwen)
 - `<sandbox_output>...</sandbox_output>` (Thyme), `<tool_response>...</tool_response>`
 - `<image>` placeholders, consumed in order from the row's image list
-- DeepEyesV2's "Code execution result:\\nstdout:\\n```...```\\nstderr:\\n```...```" observations
+- DeepEyesV2's "Code execution result:\\nstdout:\\n```...```\\nstderr:\\n```...```" observations, with or
+  without the blank lines and the trailing "Images:" line its evaluation template adds
 
-The trainer's rollout parses model output with the same functions.
+Inline layouts carry no call ids: `link_calls` gives each call `call_<k>` and points the tool turns
+answering it at that id, as OpenAI-style rows would. The trainer's rollout parses model output with
+the same functions (`split_assistant_text`, `parse_calls`, `render_call`).
 """
 
 from __future__ import annotations
@@ -14,45 +18,87 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from typing import Any
 
 from curate.formats import MalformedRow
-from curate.sample import ImagePart, Part, TextPart, ToolCall
+from curate.sample import ImagePart, Message, Part, TextPart, ToolCall
 
 IMAGE_TOKEN = "<image>"
+CODE_RESULT_PREFIX = "Code execution result:"
 _CALL = re.compile(
-    r"<code>\s*```(?:python|py)?[ \t]*\n(?P<code>.*?)\n?```\s*</code>|<tool_call>(?P<json>.*?)</tool_call>", re.S
+    r"<code>\s*```(?:python|py)?[ \t]*\n(?P<code>.*?)\n?```\s*</code>"
+    r"|<code>(?P<bare>(?:(?!```).)*?)</code>"
+    r"|<tool_call>(?P<json>.*?)</tool_call>",
+    re.S,
 )
 _SANDBOX_OUTPUT = re.compile(r"<sandbox_output>(.*?)</sandbox_output>", re.S)
-_TOOL_RESPONSE = re.compile(r"\A\s*<tool_response>(.*?)</tool_response>\s*\Z", re.S)
+# One wrapped observation, possibly followed by the images it returned.
+_WRAPPED = {
+    tag: re.compile(rf"\A\s*<{tag}>(?P<body>.*?)</{tag}>(?P<images>(?:\s*<image>)*)\s*\Z", re.S)
+    for tag in ("tool_response", "sandbox_output")
+}
+_CODE_RESULT = re.compile(
+    r"\ACode execution result:[ \t]*\nstdout:\n```\n(?P<stdout>.*?)\n?```[ \t]*\n\n?"
+    r"stderr:\n```\n(?P<stderr>.*?)\n?```(?P<tail>.*)\Z",
+    re.S,
+)
+_IMAGES_ONLY = re.compile(r"\A\s*(?:Images:)?(?P<images>(?:\s*<image>)*)\s*\Z")
+
+Segment = str | ToolCall
+
+
+# --- calls in assistant text ---------------------------------------------------------------
+
+
+def split_assistant_text(text: str) -> list[Segment]:
+    """Assistant text as prose strings and tool calls, in order (empty prose left out)."""
+    segments: list[Segment] = []
+    position = 0
+    for match in _CALL.finditer(text):
+        if match.start() > position:
+            segments.append(text[position : match.start()])
+        segments.append(_call_from_match(match))
+        position = match.end()
+    if position < len(text):
+        segments.append(text[position:])
+    return segments
 
 
 def parse_calls(text: str) -> tuple[str, list[ToolCall]]:
     """An assistant text's prose (calls cut out) and the tool calls written inline in it, in order."""
-    calls: list[ToolCall] = []
-    for match in _CALL.finditer(text):
-        if match.group("code") is not None:
-            calls.append(ToolCall("python", {"code": match.group("code")}))
-        else:
-            calls.append(parse_tool_call_json(match.group("json")))
-    return _CALL.sub("", text), calls
+    segments = split_assistant_text(text)
+    prose = "".join(s for s in segments if isinstance(s, str))
+    return prose, [s for s in segments if isinstance(s, ToolCall)]
+
+
+def _call_from_match(match: re.Match[str]) -> ToolCall:
+    if match.group("json") is not None:
+        return parse_tool_call_json(match.group("json"))
+    code = match.group("code") if match.group("code") is not None else match.group("bare").strip("\n")
+    return ToolCall("python", {"code": code})
 
 
 def parse_tool_call_json(payload: str) -> ToolCall:
+    """The JSON inside `<tool_call>...</tool_call>` as a call, or MalformedRow naming what is wrong."""
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as exc:
         raise MalformedRow(f"<tool_call> is not valid JSON ({exc.msg})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         raise MalformedRow("<tool_call> JSON needs a string 'name'")
-    arguments = data.get("arguments", {})
-    if isinstance(arguments, str):  # some writers double-encode the arguments
+    return ToolCall(data["name"], parse_arguments(data.get("arguments", {}), "<tool_call>"))
+
+
+def parse_arguments(arguments: Any, where: str) -> dict[str, Any]:
+    """Call arguments given as an object or as JSON text of one (OpenAI rows and some writers double-encode)."""
+    if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as exc:
-            raise MalformedRow(f"<tool_call> arguments are not valid JSON ({exc.msg})") from exc
+            raise MalformedRow(f"{where} arguments are not valid JSON ({exc.msg})") from exc
     if not isinstance(arguments, dict):
-        raise MalformedRow("<tool_call> 'arguments' must be an object")
-    return ToolCall(data["name"], arguments)
+        raise MalformedRow(f"{where} 'arguments' must be an object, got {type(arguments).__name__}")
+    return arguments
 
 
 def render_code_call(code: str) -> str:
@@ -64,10 +110,37 @@ def render_tool_call_json(call: ToolCall) -> str:
 
 
 def render_call(call: ToolCall, code_blocks: bool) -> str:
-    """A call in `<code>` form (python, when the format writes code that way) or as `<tool_call>` JSON."""
-    if code_blocks and call.name == "python" and set(call.arguments) == {"code"}:
-        return render_code_call(call.arguments["code"])
+    """A call in `<code>` form (python, when the format writes code that way) or as `<tool_call>` JSON.
+
+    Code that itself contains a fence goes out as JSON: a fenced block could not be read back exactly.
+    """
+    code = call.code
+    if code_blocks and call.name == "python" and set(call.arguments) == {"code"} and code is not None and "```" not in code:
+        return render_code_call(code)
     return render_tool_call_json(call)
+
+
+def link_calls(messages: list[Message]) -> list[Message]:
+    """Give id-less calls `call_<k>` (k counts the sample's calls) and point each tool turn at the call it answers.
+
+    Tool turns answer the calls of the assistant turn before them in order, the inline layouts' rule.
+    """
+    count = 0
+    pending: list[str] = []
+    for message in messages:
+        if message.role == "tool":
+            if pending and not message.tool_call_id:
+                message.tool_call_id = pending[0]
+            pending = pending[1:]
+            continue
+        for call in message.tool_calls:
+            call.id = call.id or f"call_{count}"
+            count += 1
+        pending = [call.id for call in message.tool_calls]
+    return messages
+
+
+# --- text with <image> placeholders --------------------------------------------------------
 
 
 def text_to_parts(text: str, next_image: Callable[[], int]) -> list[Part]:
@@ -86,6 +159,9 @@ def parts_to_text(parts: list[Part]) -> str:
     return "".join(p.text if isinstance(p, TextPart) else IMAGE_TOKEN for p in parts)
 
 
+# --- observations ---------------------------------------------------------------------------
+
+
 def split_sandbox_outputs(text: str) -> list[tuple[str, str | None]]:
     """Thyme responses: [(text before, output), ..., (tail, None)], output tags removed."""
     pieces: list[tuple[str, str | None]] = []
@@ -101,32 +177,57 @@ def render_sandbox_output(text: str) -> str:
     return f"<sandbox_output>{text}</sandbox_output>"
 
 
-def unwrap_tool_response(text: str) -> str:
-    match = _TOOL_RESPONSE.match(text)
-    return match.group(1) if match else text
-
-
 def render_tool_response(text: str) -> str:
     return f"<tool_response>{text}</tool_response>"
 
 
-CODE_RESULT_PREFIX = "Code execution result:"
+def unwrap_tool_response(text: str) -> str:
+    """The body of a `<tool_response>` observation (images after the closing tag kept); anything else verbatim."""
+    return _unwrap("tool_response", text)
+
+
+def _unwrap(tag: str, text: str) -> str:
+    match = _WRAPPED[tag].match(text)
+    if not match:
+        return text
+    return match.group("body") + IMAGE_TOKEN * match.group("images").count(IMAGE_TOKEN)
 
 
 def render_code_result(stdout: str, stderr: str = "") -> str:
-    """DeepEyesV2's observation layout for code calls."""
+    """DeepEyesV2's observation layout for code calls (the images follow as placeholders)."""
     return f"{CODE_RESULT_PREFIX}\nstdout:\n```\n{stdout}\n```\nstderr:\n```\n{stderr}\n```"
 
 
-_CODE_RESULT = re.compile(r"\ACode execution result:\nstdout:\n```\n(?P<stdout>.*)\n```\nstderr:\n```\n\n```", re.S)
+def parse_code_result(text: str) -> tuple[str, str, str] | None:
+    """(stdout, stderr, what follows the stderr block) of a DeepEyesV2 code observation, else None."""
+    match = _CODE_RESULT.match(text)
+    return (match.group("stdout"), match.group("stderr"), match.group("tail")) if match else None
 
 
 def unwrap_code_result(text: str) -> str:
-    """Plain stdout of a DeepEyesV2 code observation with empty stderr; anything else verbatim.
+    """A DeepEyesV2 code observation as its stdout and images when stderr is empty; anything else verbatim.
 
-    Unwrapping happens only when wrapping again gives back the exact text, so it never loses anything.
+    The canonical tool turn then holds what the code printed, as every other format's does; text with a
+    non-empty stderr, or prose after the block, stays whole so nothing is lost.
     """
-    match = _CODE_RESULT.match(text.split(IMAGE_TOKEN, 1)[0])
-    if match and render_code_result(match.group("stdout")) + text[match.end():] == text:
-        return match.group("stdout") + text[match.end():]
-    return text
+    parsed = parse_code_result(text)
+    if parsed is None or parsed[1]:
+        return text
+    images = _IMAGES_ONLY.match(parsed[2])
+    return parsed[0] + images.group("images").count(IMAGE_TOKEN) * IMAGE_TOKEN if images else text
+
+
+def unwrap_observation(text: str) -> str:
+    """An observation sent back in a user turn, without its wrapper (tool response, sandbox output, code result)."""
+    return unwrap_code_result(_unwrap("sandbox_output", unwrap_tool_response(text)))
+
+
+def inline_tool_row(row: dict[str, Any]) -> bool:
+    """A chat row (`messages` a list of turns) whose tool use is written inline in the text, not OpenAI-style."""
+    turns = row.get("messages")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        return False
+    if any(t.get("tool_calls") or t.get("role") == "tool" for t in turns):
+        return False
+    marks = ("<code>", "<tool_call>", "<tool_response>", "<sandbox_output>", CODE_RESULT_PREFIX)
+    return any(mark in str(t.get("content")) for t in turns for mark in marks)

@@ -2,9 +2,12 @@
 
 Row: `{id?, source?, messages: [{role, content, tool_calls?, tool_call_id?}], images?, answer?, meta?}`.
 `content` is a string (with `<image>` placeholders taking the row's images in order) or a list of parts
-`{type: text, text}` / `{type: image}` / `{type: image_url, image_url: {url}}`. `tool_calls` are
-OpenAI-style (`{id, type: function, function: {name, arguments}}`, arguments a JSON string or object).
-`images` entries are paths relative to the input file, data URIs, base64, or `{bytes, path}`.
+`{type: text, text}` / `{type: image}` (the next of the row's images, or its own `image` entry) /
+`{type: image_url, image_url: {url}}`. `tool_calls` are OpenAI-style (`{id, type: function, function:
+{name, arguments}}`, arguments a JSON string or object); tool turns are `{role: tool, tool_call_id,
+content}`. `images` entries are paths relative to the input file, data URIs, base64, or `{bytes, path}`.
+Rows whose tool use is written inline in the text (`<code>`, `<tool_call>`, ...) are left to the
+inline formats by the sniffer.
 
 Written as parquet this is the SFT shard: one explicit Arrow schema for every row, images in order
 of appearance as `{bytes, path}`, `answer` and `meta` as JSON text, so
@@ -21,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.formats import Format, MalformedRow, decode_record, register_format
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object, register_format
 from curate.formats.common import (
     ImageCounter,
     data_uri,
@@ -32,8 +35,8 @@ from curate.formats.common import (
     ordered_images,
     row_id,
 )
-from curate.formats.inline import text_to_parts
-from curate.sample import ROLES, ImagePart, Message, Part, Sample, TextPart, ToolCall
+from curate.formats.inline import inline_tool_row, parse_arguments, text_to_parts
+from curate.sample import ROLES, Image, ImagePart, Message, Part, Sample, TextPart, ToolCall
 
 _CONTENT = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
 _TOOL_CALLS = pa.list_(
@@ -71,11 +74,9 @@ class MessagesFormat(Format):
 
     def sniff(self, record: Any) -> bool:
         messages = record.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             return False
-        # Rows whose tool use is written inline in user/assistant text belong to the inline formats.
-        text = json.dumps(messages)
-        return "tool_calls" in text or ("<code>" not in text and "Code execution result" not in text and "<tool_call>" not in text)
+        return not inline_tool_row(record)  # inline tool syntax is the DeepEyes reader's job
 
     def parse(self, record: Any, base_dir: Path) -> Sample:
         row = decode_record(record)
@@ -86,13 +87,9 @@ class MessagesFormat(Format):
             raise MalformedRow(f"'messages' must be a non-empty list, got {type(raw_messages).__name__}")
         images = decode_images(row.get("images"), base_dir)
         counter = ImageCounter(len(images))
-        messages = []
-        for index, raw in enumerate(raw_messages):
-            messages.append(parse_message(raw, index, counter, images, base_dir))
+        messages = [parse_message(raw, index, counter, images, base_dir) for index, raw in enumerate(raw_messages)]
         counter.attach_unused(messages)
-        meta = row.get("meta") or {}
-        if isinstance(meta, str):
-            meta = json.loads(meta)
+        meta = json_object(row.get("meta"), "meta")
         return Sample(
             id=row_id(row, raw_messages, [im.data for im in images]),
             source=str(row.get("source") or self.name),
@@ -103,7 +100,8 @@ class MessagesFormat(Format):
         )
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
-        if path.suffix == ".jsonl":  # streamed: a JSONL file of any size is written in constant memory
+        check_suffix(path, self.name, (".jsonl", ".parquet"))
+        if path.suffix.lower() == ".jsonl":  # streamed: a JSONL file of any size is written in constant memory
             count = 0
             with path.open("w", encoding="utf-8") as handle:
                 for count, sample in enumerate(samples, start=1):
@@ -114,7 +112,7 @@ class MessagesFormat(Format):
         return len(rows)
 
 
-def parse_message(raw: Any, index: int, counter: ImageCounter, images: list, base_dir: Path) -> Message:
+def parse_message(raw: Any, index: int, counter: ImageCounter, images: list[Image], base_dir: Path) -> Message:
     where = f"message {index}"
     if not isinstance(raw, dict):
         raise MalformedRow(f"{where}: expected an object, got {type(raw).__name__}")
@@ -124,12 +122,16 @@ def parse_message(raw: Any, index: int, counter: ImageCounter, images: list, bas
     return Message(
         role=role,
         content=parse_content(raw.get("content"), where, counter, images, base_dir),
-        tool_calls=[parse_openai_call(call, f"{where} tool call {k}") for k, call in enumerate(raw.get("tool_calls") or [])],
+        tool_calls=parse_openai_calls(raw.get("tool_calls"), where),
         tool_call_id=str(raw.get("tool_call_id") or ""),
     )
 
 
-def parse_content(content: Any, where: str, counter: ImageCounter, images: list, base_dir: Path) -> list[Part]:
+def parse_content(content: Any, where: str, counter: ImageCounter, images: list[Image], base_dir: Path) -> list[Part]:
+    """A turn's content: text with `<image>` placeholders, or a list of text / image / image_url parts.
+
+    Images given inside a part (an `image` entry, an `image_url`) are appended to `images`.
+    """
     if content is None:
         return []
     if isinstance(content, str):
@@ -142,30 +144,33 @@ def parse_content(content: Any, where: str, counter: ImageCounter, images: list,
         if kind == "text":
             if part.get("text"):
                 parts.append(TextPart(str(part["text"])))
-        elif kind == "image":
+        elif kind == "image" and part.get("image") is None:
             parts.append(ImagePart(counter()))
-        elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else part.get("image_url")
-            images.append(decode_image(url, base_dir, f"{where} image_url"))
+        elif kind in ("image", "image_url"):
+            source = part.get(kind)
+            url = source.get("url") if isinstance(source, dict) and kind == "image_url" else source
+            images.append(decode_image(url, base_dir, f"{where} {kind}"))
             parts.append(ImagePart(len(images) - 1))
         else:
             raise MalformedRow(f"{where}: unknown content part {part!r:.60}")
     return parts
 
 
+def parse_openai_calls(calls: Any, where: str) -> list[ToolCall]:
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise MalformedRow(f"{where}: 'tool_calls' must be a list, got {type(calls).__name__}")
+    return [parse_openai_call(call, f"{where} tool call {k}") for k, call in enumerate(calls)]
+
+
 def parse_openai_call(call: Any, where: str) -> ToolCall:
-    if not isinstance(call, dict):
-        raise MalformedRow(f"{where}: expected an object")
-    function = call.get("function", call)
-    name, arguments = function.get("name"), function.get("arguments", {})
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments else {}
-        except json.JSONDecodeError as exc:
-            raise MalformedRow(f"{where}: arguments are not valid JSON ({exc.msg})") from exc
-    if not isinstance(name, str) or not isinstance(arguments, dict):
-        raise MalformedRow(f"{where}: needs a string name and object arguments")
-    return ToolCall(name, arguments, str(call.get("id") or ""))
+    """`{id, type: function, function: {name, arguments}}` (or the function object alone) as a call."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise MalformedRow(f"{where}: needs a function with a string name")
+    arguments = parse_arguments(function.get("arguments", {}), f"{where}:")
+    return ToolCall(function["name"], arguments, str(call.get("id") or ""))
 
 
 def to_row(sample: Sample, inline_images: bool) -> dict[str, Any]:
