@@ -165,13 +165,13 @@ def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Pa
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (state_file.exists() and pickle.loads(state_file.read_bytes()).batches_done >= 3):
         time.sleep(0.05)
+    sandboxes = [p for p in psutil.Process(process.pid).children(recursive=True) if "zygote.py" in " ".join(p.cmdline())]
+    assert sandboxes, "the run had no sandbox workers when it was killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "manifest.json").exists()
-    time.sleep(1)  # bwrap's --die-with-parent and the workers' closed pipes take the sandboxes down
-    ours = {child.pid for child in psutil.Process().children(recursive=True)}  # sandboxes this test process owns
-    survivors = [p.info for p in psutil.process_iter(["pid", "cmdline"])
-                 if "zygote.py" in " ".join(p.info["cmdline"] or []) and p.info["pid"] not in ours]
-    assert not survivors, survivors
+    # bwrap's --die-with-parent and the workers' closed pipes take the sandboxes down with the run.
+    gone, alive = psutil.wait_procs(sandboxes, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     curate("run", str(recipe), "--local", "-o", str(killed), "--workers", "2", "--cache", cache, "--no-progress")
     assert result_of(killed) == result_of(tmp_path / "clean")
