@@ -112,7 +112,8 @@ def json_object(value: Any, label: str) -> dict[str, Any]:
 def check_suffix(path: Path, format_name: str, suffixes: tuple[str, ...]) -> None:
     """Writers refuse a file type they cannot write rather than put one layout under another's name."""
     if path.suffix.lower() not in suffixes:
-        raise UserError(f"{path}: the {format_name} format writes {' or '.join(suffixes)} files, not {path.suffix or 'no suffix'!r}")
+        found = path.suffix or "no suffix"
+        raise UserError(f"{path}: the {format_name} format writes {' or '.join(suffixes)} files, not {found!r}")
 
 
 def raw_text(record: Any) -> str:

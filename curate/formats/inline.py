@@ -29,18 +29,18 @@ _CALL = re.compile(
     r"<code>\s*```(?:python|py)?[ \t]*\n(?P<code>.*?)\n?```\s*</code>"
     r"|<code>(?P<bare>(?:(?!```).)*?)</code>"
     r"|<tool_call>(?P<json>.*?)</tool_call>",
-    re.S,
+    re.DOTALL,
 )
-_SANDBOX_OUTPUT = re.compile(r"<sandbox_output>(.*?)</sandbox_output>", re.S)
+_SANDBOX_OUTPUT = re.compile(r"<sandbox_output>(.*?)</sandbox_output>", re.DOTALL)
 # One wrapped observation, possibly followed by the images it returned.
 _WRAPPED = {
-    tag: re.compile(rf"\A\s*<{tag}>(?P<body>.*?)</{tag}>(?P<images>(?:\s*<image>)*)\s*\Z", re.S)
+    tag: re.compile(rf"\A\s*<{tag}>(?P<body>.*?)</{tag}>(?P<images>(?:\s*<image>)*)\s*\Z", re.DOTALL)
     for tag in ("tool_response", "sandbox_output")
 }
 _CODE_RESULT = re.compile(
     r"\ACode execution result:[ \t]*\nstdout:\n```\n(?P<stdout>.*?)\n?```[ \t]*\n\n?"
     r"stderr:\n```\n(?P<stderr>.*?)\n?```(?P<tail>.*)\Z",
-    re.S,
+    re.DOTALL,
 )
 _IMAGES_ONLY = re.compile(r"\A\s*(?:Images:)?(?P<images>(?:\s*<image>)*)\s*\Z")
 
@@ -106,7 +106,8 @@ def render_code_call(code: str) -> str:
 
 
 def render_tool_call_json(call: ToolCall) -> str:
-    return "<tool_call>" + json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False) + "</tool_call>"
+    payload = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"<tool_call>{payload}</tool_call>"
 
 
 def render_call(call: ToolCall, code_blocks: bool) -> str:
@@ -115,7 +116,8 @@ def render_call(call: ToolCall, code_blocks: bool) -> str:
     Code that itself contains a fence goes out as JSON: a fenced block could not be read back exactly.
     """
     code = call.code
-    if code_blocks and call.name == "python" and set(call.arguments) == {"code"} and code is not None and "```" not in code:
+    plain_python = call.name == "python" and set(call.arguments) == {"code"} and code is not None
+    if code_blocks and plain_python and "```" not in code:
         return render_code_call(code)
     return render_tool_call_json(call)
 
@@ -227,7 +229,7 @@ def inline_tool_row(row: dict[str, Any]) -> bool:
     turns = row.get("messages")
     if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
         return False
-    if any(t.get("tool_calls") or t.get("role") == "tool" for t in turns):
+    if any(t.get("tool_calls") for t in turns):  # OpenAI-style calls: the generic reader's job
         return False
     marks = ("<code>", "<tool_call>", "<tool_response>", "<sandbox_output>", CODE_RESULT_PREFIX)
     return any(mark in str(t.get("content")) for t in turns for mark in marks)

@@ -45,7 +45,7 @@ from curate.formats.inline import (
 )
 from curate.sample import Image, Message, Sample
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),

@@ -90,8 +90,10 @@ class VerlFormat(Format):
             messages=messages,
             images=images,
             answer=_decode_ground_truth(reward["ground_truth"], bool(extra_info.pop(_LIST_MARK, False))),
-            meta={**extra_info.pop("curate_meta", {}),
-                  "verl": {"ability": row.get("ability"), "reward_style": reward.get("style"), "extra_info": extra_info}},
+            meta={
+                **extra_info.pop("curate_meta", {}),
+                "verl": {"ability": row.get("ability"), "reward_style": reward.get("style"), "extra_info": extra_info},
+            },
         )
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
@@ -151,7 +153,8 @@ def prompt_only(sample: Sample) -> Sample:
 def to_rl_row(sample: Sample) -> dict[str, Any]:
     images, sample = ordered_images(prompt_only(sample))
     verl = sample.meta.get("verl", {})
-    ground_truth = sample.answer if isinstance(sample.answer, str) or sample.answer is None else encode_answer(sample.answer)
+    # verl's reward functions read one text column; a list goes in as JSON text, marked for the reader
+    ground_truth = encode_answer(sample.answer) if isinstance(sample.answer, list) else sample.answer
     extra_info = {**verl.get("extra_info", {}), "id": sample.id}
     annotations = {key: value for key, value in sample.meta.items() if key != "verl"}
     if annotations:  # the verl schema has no meta column: stage annotations ride in extra_info

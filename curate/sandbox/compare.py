@@ -12,7 +12,7 @@ import difflib
 import math
 import re
 
-from curate.formats.inline import CODE_RESULT_PREFIX
+from curate.formats.inline import parse_code_result
 
 _VOLATILE = [
     (re.compile(r"0x[0-9a-fA-F]{4,}"), " ADDRESS "),
@@ -23,16 +23,12 @@ _TOKEN = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan|inf|[A-Za
 _IGNORED = {"array", "dtype", "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "object",
             ",", "(", ")", "[", "]", "=", "'", '"', "`"}
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|nan|inf")
-_CODE_RESULT = re.compile(r"stdout:\n```\n(?P<stdout>.*?)\n?```\nstderr:\n```\n(?P<stderr>.*?)\n?```", re.S)
 
 
 def recorded_stdout(text: str) -> str:
     """The stdout part of a recorded observation (DeepEyesV2 wraps it with stderr in one block)."""
-    if text.startswith(CODE_RESULT_PREFIX):
-        match = _CODE_RESULT.search(text)
-        if match:
-            return match.group("stdout")
-    return text
+    parsed = parse_code_result(text)
+    return parsed[0] if parsed else text
 
 
 def tokens(text: str) -> list[str]:
