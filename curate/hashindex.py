@@ -4,182 +4,187 @@ Multi-index hashing: split each `bits`-bit hash into `max_distance + 1` disjoint
 within Hamming distance d differ in at most d bits, so by pigeonhole at least one band is identical:
 exact lookups per band give every candidate, and only candidates get the exact popcount.
 
-Per band the keys are kept sorted in numpy arrays, so a whole batch of queries is answered with
-`searchsorted` (or, for bands of at most 22 bits, a direct lookup in a table of bucket offsets) and
-one vectorised popcount. New hashes go to a small second level (merged with `insert`, cheap while
-it is small) that is folded into the large level once it holds `merge_every` hashes, so adding
-stays far from quadratic. Within a batch, queries are compared with
-each other directly (a batch is small), which keeps first-come-first-kept order exact.
+The per-band tables are one numpy structure rather than Python dicts: with 64-bit hashes and d = 4 a
+band has 13 bits, so at 100k hashes a bucket already holds ~12 entries and candidates must be verified
+in bulk. Every (band, band value) pair is a bucket id (band number in the high bits; hashed down to
+2^16 buckets when bands are wider, which only adds candidates the popcount then drops). All buckets
+share one array in which each owns a slice with room to grow (compressed rows with slack), so adding a
+batch writes into free slots, and a whole batch is looked up with a few vectorised gathers. When a
+bucket is full the table is rebuilt, each bucket with room for twice its entries (plus a few), so
+rebuilds get rarer as the index grows.
+
+`dedup_batch` adds a batch first and decides afterwards: a rejected group's hashes stay as dead entries
+(ignored by every lookup, dropped at the next rebuild), which lets one lookup find the matches in the
+index and inside the batch alike.
 """
 
 from __future__ import annotations
 
+from itertools import chain, compress
 from typing import Any
 
 import numpy as np
 
-_NO_MATCH = np.iinfo(np.int64).max
+_MAX_BUCKET_BITS = 16
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # multiplicative hashing of wide band codes into 2^16 buckets
+_SLACK = 16  # free slots every bucket gets at a rebuild, on top of doubling its size
 
 
-class _SortedBand:
-    """One band of one level: band keys sorted (ties in insertion order) and their positions."""
+class _Buckets:
+    """Bucket id -> index positions. Bucket b owns `room[b]` slots from start[b], the first fill[b] of them used."""
 
-    def __init__(self, width: int, keys: np.ndarray | None = None, positions: np.ndarray | None = None,
-                 with_offsets: bool = False) -> None:
-        self.width = width
-        self.keys = np.zeros(0, dtype=np.uint64) if keys is None else keys
-        self.positions = np.zeros(0, dtype=np.int64) if positions is None else positions
-        # Bucket offsets per possible key turn two binary searches per query into two lookups.
-        self.offsets = (
-            np.searchsorted(self.keys, np.arange((1 << width) + 1, dtype=np.uint64), side="left")
-            if with_offsets and width <= 22 else None
-        )
+    def __init__(self, ids: np.ndarray, positions: np.ndarray, count: int) -> None:
+        sizes = np.bincount(ids, minlength=count)
+        self.room = 2 * sizes + _SLACK
+        self.start = np.concatenate([[0], np.cumsum(self.room)])
+        self.fill = sizes
+        self.positions = np.empty(int(self.start[-1]), dtype=np.int64)
+        order = self._stable_order(ids)
+        ids = ids[order]
+        self.positions[self.start[ids] + np.arange(len(ids)) - (np.cumsum(sizes) - sizes)[ids]] = positions[order]
 
-    def __len__(self) -> int:
-        return len(self.keys)
+    def add(self, ids: np.ndarray, positions: np.ndarray) -> bool:
+        """Write the entries into free slots; False, with nothing written, if a bucket has no room left."""
+        order = self._stable_order(ids)
+        ids = ids[order]
+        used = self.fill[ids] + np.arange(len(ids)) - np.searchsorted(ids, ids)  # after the batch's earlier equal ids
+        if np.any(used >= self.room[ids]):
+            return False
+        self.positions[self.start[ids] + used] = positions[order]
+        np.add.at(self.fill, ids, 1)
+        return True
 
-    def inserted(self, keys: np.ndarray, positions: np.ndarray, with_offsets: bool = False) -> _SortedBand:
-        """A copy with (keys, positions) added after equal keys, so buckets stay in insertion order."""
-        order = np.argsort(keys, kind="stable")
-        at = np.searchsorted(self.keys, keys[order], side="right")
-        return _SortedBand(self.width, np.insert(self.keys, at, keys[order]), np.insert(self.positions, at, positions[order]),
-                           with_offsets)
+    def slots(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The used slots of the buckets `ids`, bucket after bucket, and how many each bucket has."""
+        counts = self.fill[ids]
+        ends = np.cumsum(counts)
+        # Expand each bucket's run of slots without a Python loop.
+        slots = np.repeat(self.start[ids] - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0)
+        return slots, counts
 
-    def ranges(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[low, high) of each query's bucket."""
-        if self.offsets is not None:
-            index = queries.astype(np.int64)
-            return self.offsets[index], self.offsets[index + 1]
-        order = np.argsort(queries)  # sorted needles let searchsorted walk the keys instead of jumping
-        low, high = np.empty_like(order), np.empty_like(order)
-        low[order] = np.searchsorted(self.keys, queries[order], side="left")
-        high[order] = np.searchsorted(self.keys, queries[order], side="right")
-        return low, high
+    @staticmethod
+    def _stable_order(ids: np.ndarray) -> np.ndarray:
+        # Bucket ids fit in 16 bits, for which numpy's stable sort is a radix sort: linear time.
+        return np.argsort(ids.astype(np.uint16), kind="stable")
 
 
 class HashIndex:
-    def __init__(self, max_distance: int, bits: int = 64, merge_every: int = 8192) -> None:
+    """Hashes (ints of `bits` bits) with a key each; finds the stored hashes within max_distance bits."""
+
+    def __init__(self, max_distance: int, bits: int = 64) -> None:
         if not 0 <= max_distance < bits <= 64:
             raise ValueError(f"need 0 <= max_distance < bits <= 64, got {max_distance} and {bits}")
         self.max_distance = max_distance
         self.bits = bits
-        count = max_distance + 1
-        widths = [bits // count + (1 if i < bits % count else 0) for i in range(count)]
-        self._bands = [(np.uint64(sum(widths[:i])), np.uint64((1 << w) - 1)) for i, w in enumerate(widths)]
-        self._widths = widths
-        self.merge_every = merge_every
-        self.keys: list[str] = []
-        self._buffer = np.zeros(1024, dtype=np.uint64)  # grows by doubling: appending stays amortised O(1)
-        # Two levels, large and small, each a _SortedBand per band.
-        self._levels = [self._empty_level(), self._empty_level()]
-
-    def _empty_level(self) -> list[_SortedBand]:
-        return [_SortedBand(width) for width in self._widths]
-
-    @property
-    def _values(self) -> np.ndarray:
-        return self._buffer[: len(self.keys)]
+        bands = max_distance + 1
+        widths = [bits // bands + (i < bits % bands) for i in range(bands)]
+        self._shifts = np.cumsum([0, *widths[:-1]]).astype(np.uint64)
+        self._masks = np.array([(1 << w) - 1 for w in widths], dtype=np.uint64)
+        self._tags = np.array([band << max(widths) for band in range(bands)], dtype=np.uint64)  # band 0 needs no tag
+        self._hashed = bands << max(widths) > 1 << _MAX_BUCKET_BITS
+        self._bucket_count = 1 << _MAX_BUCKET_BITS if self._hashed else bands << max(widths)
+        self._values = np.zeros(1024, dtype=np.uint64)  # capacity doubles: appending stays amortised O(1)
+        self._alive = np.zeros(1024, dtype=bool)
+        self._keys: list[str] = []
+        self._live = 0
+        self._buckets = self._rebuilt()
 
     def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def hashes(self) -> list[int]:
-        return [int(v) for v in self._values]
+        return self._live
 
     def add_many(self, values: list[int] | np.ndarray, keys: list[str]) -> None:
-        if not len(values):
-            return
-        new = np.asarray(values, dtype=np.uint64)
-        first = len(self.keys)
-        if first + len(new) > len(self._buffer):
-            self._buffer = np.concatenate([self._buffer, np.zeros(max(len(self._buffer), len(new)), dtype=np.uint64)])
-        self._buffer[first : first + len(new)] = new
-        self.keys.extend(keys)
-        positions = np.arange(first, first + len(new), dtype=np.int64)
-        large, small = self._levels
-        small = [band.inserted((new >> start) & mask, positions) for band, (start, mask) in zip(small, self._bands)]
-        if len(small[0]) >= self.merge_every:
-            large = [big.inserted(little.keys, little.positions, with_offsets=True) for big, little in zip(large, small)]
-            small = self._empty_level()
-        self._levels = [large, small]
+        """Add hashes unconditionally (no deduplication)."""
+        values = np.asarray(values, dtype=np.uint64)
+        self._append(values, keys, self._bucket_ids(values))
 
     def nearest(self, value: int) -> tuple[str, int] | None:
-        """The earliest-added (key, distance) within max_distance of `value`, or None."""
-        position = int(self._nearest(np.array([value], dtype=np.uint64))[0])
-        if position == _NO_MATCH:
+        """The earliest-added live (key, distance) within max_distance of `value`, or None."""
+        query = np.array([value], dtype=np.uint64)
+        _, positions, distances = self._close_pairs(query, self._bucket_ids(query))
+        if not len(positions):
             return None
-        return self.keys[position], int(self._values[position] ^ np.uint64(value)).bit_count()
+        first = int(np.argmin(positions))
+        return self._keys[positions[first]], int(distances[first])
 
     def dedup_batch(self, groups: list[list[int]], keys: list[list[str]]) -> list[tuple[int, str, int] | None]:
         """Keep-first deduplication of one batch of groups (the hashes of one sample each), in order.
 
-        Per group: its first member within max_distance of an earlier hash (in the index or in an earlier
-        kept group of this batch) as (member, that hash's key, distance), or None, in which case the group's
-        hashes join the index.
+        Per group: its first member within max_distance of an earlier live hash (in the index, or in an
+        earlier kept group of this batch) as (member, that hash's key, distance); or None, and the group's
+        hashes stay in the index. Members of one group are never compared with each other.
         """
-        flat = np.array([value for group in groups for value in group], dtype=np.uint64)
-        flat_keys = [key for group_keys in keys for key in group_keys]
-        group_of = np.repeat(np.arange(len(groups)), [len(group) for group in groups])
-        in_index = self._nearest(flat)
-        # Within the batch: distance of every hash to every hash of an earlier group.
-        distances = np.bitwise_count(flat[:, None] ^ flat[None, :]) if len(flat) else np.zeros((0, 0), np.uint8)
-        earlier = (distances <= self.max_distance) & (group_of[None, :] < group_of[:, None])
-        has_earlier = earlier.any(axis=1)
-        flagged = (in_index != _NO_MATCH) | has_earlier
-        flagged_groups = set(group_of[flagged].tolist())
-        # Groups with no candidate at all are kept whatever happens; only flagged ones need the ordered walk.
-        kept_flat = ~np.isin(group_of, list(flagged_groups))
+        sizes = list(map(len, groups))
+        if list(map(len, keys)) != sizes:
+            raise ValueError("keys must have the shape of groups: one key per hash")
+        starts = np.cumsum([0, *sizes])
+        flat = np.array(list(chain.from_iterable(groups)), dtype=np.uint64)
+        ids = self._bucket_ids(flat)
+        base = len(self._keys)
+        self._append(flat, list(chain.from_iterable(keys)), ids)
+        group_of = np.repeat(np.arange(len(groups)), sizes)
+        query, position, distance = self._close_pairs(flat, ids)
+        # Only hashes of earlier groups count: here a hash also meets itself and the rest of its group.
+        earlier = position < base + starts[group_of[query]]
+        columns = np.stack([query, position, distance])[:, earlier]
+        # By hash, then earliest candidate first (positions stay far below 2^40).
+        columns = columns[:, np.argsort((columns[0] << 40) | columns[1])]
         results: list[tuple[int, str, int] | None] = [None] * len(groups)
-        starts = np.concatenate([[0], np.cumsum([len(group) for group in groups])]).astype(int).tolist()
-        in_index_list, has_earlier_list = in_index.tolist(), has_earlier.tolist()  # Python scalars: cheap in the loop
-        for g in sorted(flagged_groups):
-            match = None
-            for member, value in enumerate(groups[g]):
-                index = starts[g] + member
-                if in_index_list[index] != _NO_MATCH:
-                    position = in_index_list[index]
-                    match = (member, self.keys[position], (int(self._buffer[position]) ^ value).bit_count())
-                elif has_earlier_list[index]:
-                    candidates = np.flatnonzero(earlier[index] & kept_flat)
-                    if candidates.size:
-                        first = int(candidates[0])
-                        match = (member, flat_keys[first], int(distances[index, first]))
-                if match is not None:
-                    break
-            if match is None:
-                kept_flat[starts[g] : starts[g + 1]] = True
-            results[g] = match
-        self.add_many(flat[kept_flat], [k for k, kept in zip(flat_keys, kept_flat.tolist()) if kept])
+        group_list, start_list = group_of.tolist(), starts.tolist()
+        # Groups are decided in order: a candidate of this batch counts only if its group is still kept.
+        for q, p, dist in columns.T.tolist():
+            g = group_list[q]
+            if results[g] is None and (p < base or results[group_list[p - base]] is None):
+                results[g] = (q - start_list[g], self._keys[p], dist)
+                self._alive[base + start_list[g] : base + start_list[g + 1]] = False
+                self._live -= sizes[g]
         return results
 
-    def _nearest(self, queries: np.ndarray) -> np.ndarray:
-        """Earliest indexed position within max_distance of each query (vectorised), or _NO_MATCH."""
-        best = np.full(len(queries), _NO_MATCH, dtype=np.int64)
-        if not len(self.keys) or not len(queries):
-            return best
-        values = self._values
-        for level in self._levels:
-            for (start, mask), band in zip(self._bands, level):
-                if not len(band):
-                    continue
-                low, high = band.ranges((queries >> start) & mask)
-                counts = high - low
-                total = int(counts.sum())
-                if not total:
-                    continue
-                query_of = np.repeat(np.arange(len(queries)), counts)
-                within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-                candidates = band.positions[np.repeat(low, counts) + within]
-                close = np.bitwise_count(values[candidates] ^ queries[query_of]) <= self.max_distance
-                np.minimum.at(best, query_of[close], candidates[close])
-        return best
+    def _append(self, values: np.ndarray, keys: list[str], ids: np.ndarray) -> None:
+        """Store hashes as live entries and put them in the buckets `ids` (one per band of each)."""
+        if len(values) != len(keys):
+            raise ValueError(f"{len(values)} hashes but {len(keys)} keys")
+        first, stop = len(self._keys), len(self._keys) + len(values)
+        if stop > len(self._values):
+            capacity = max(2 * len(self._values), stop)
+            self._values, self._alive = np.resize(self._values, capacity), np.resize(self._alive, capacity)
+        self._values[first:stop], self._alive[first:stop] = values, True
+        self._keys.extend(keys)
+        self._live += len(values)
+        if not self._buckets.add(ids, np.repeat(np.arange(first, stop, dtype=np.int64), len(self._tags))):
+            self._buckets = self._rebuilt()
+
+    def _rebuilt(self) -> _Buckets:
+        """A table of the live hashes with room to grow; dead entries are left out."""
+        live = np.flatnonzero(self._alive[: len(self._keys)])
+        return _Buckets(self._bucket_ids(self._values[live]), np.repeat(live, len(self._tags)), self._bucket_count)
+
+    def _bucket_ids(self, values: np.ndarray) -> np.ndarray:
+        """Row-major (value, band) bucket ids: entry i * bands + b is for band b of values[i]."""
+        codes = (((values[:, None] >> self._shifts) & self._masks) | self._tags).ravel()
+        if self._hashed:
+            codes = (codes * _FIBONACCI) >> np.uint64(64 - _MAX_BUCKET_BITS)
+        return codes.astype(np.int64)
+
+    def _close_pairs(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query, position, distance) of live stored hashes within max_distance of the queries (whose
+        bucket ids are `ids`); a pair sharing several bands appears once per shared band."""
+        bands = len(self._tags)
+        slot, counts = self._buckets.slots(ids)
+        position = self._buckets.positions[slot]
+        distance = np.bitwise_count(self._values[position] ^ np.repeat(np.repeat(queries, bands), counts))
+        close = np.flatnonzero((distance <= self.max_distance) & self._alive[position])
+        query = np.searchsorted(np.cumsum(counts), close, "right") // bands
+        return query, position[close], distance[close]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"max_distance": self.max_distance, "bits": self.bits, "hashes": self.hashes, "keys": list(self.keys)}
+        """A snapshot that pickles fast: arrays and one list copy, no per-hash Python work."""
+        count = len(self._keys)
+        return {"max_distance": self.max_distance, "bits": self.bits, "hashes": self._values[:count].copy(),
+                "alive": self._alive[:count].copy(), "keys": list(self._keys)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> HashIndex:
         index = cls(state["max_distance"], state["bits"])
-        index.add_many(state["hashes"], state["keys"])
+        alive = state["alive"]
+        index.add_many(state["hashes"][alive], list(compress(state["keys"], alive.tolist())))
         return index

@@ -1,72 +1,139 @@
-"""format: a well-formed trajectory (roles in order, every call answered, a final answer)."""
+"""format: a well-formed trajectory (roles in order, every call answered once, a final answer)."""
 
 from __future__ import annotations
 
 import re
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from curate.sample import Sample
+from curate.sample import ROLES, Message, Sample
 from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
+from filters.image_integrity import missing_image
 
 
 class FormatCheck(Stage):
-    """Rejects trajectories that are not well formed.
+    """Rejects trajectories that are not well formed; every detail names the message index.
 
-    Reasons: `empty_question` (no user turn with text), `bad_roles` (system not first, assistant or tool
-    before the first user turn, a tool turn that answers no call), `unanswered_tool_call`,
-    `bad_tool_call` (empty name), `missing_image` (a message shows an image the sample lacks),
-    `no_final_answer` (the last turn is not an assistant answer, or misses `answer_pattern`),
-    `no_ground_truth` (prompts only). With `require_assistant: false` (RL prompts) it checks the prompt:
-    a user question and a ground truth.
+    Reasons:
+    - `empty_question`: no user turn with text.
+    - `bad_roles`: an unknown role, a system turn other than the first, an assistant or tool turn before the
+      first user turn, or a tool turn that does not follow an assistant turn with tool calls (or another
+      tool turn of the same batch of calls).
+    - `bad_tool_call`: a tool call with an empty name or arguments that are not a dict.
+    - `unanswered_tool_call`: a call without an observation before the next non-tool turn or the end.
+    - `orphan_observation`: a tool turn left over once every call of its batch is answered, or whose
+      `tool_call_id` matches no pending call (calls are matched by id when ids are set, else in order).
+    - `missing_image`: a message shows an image index the sample lacks.
+    - `no_final_answer`: the last turn is not an assistant turn with text and no pending calls, or its text
+      misses `answer_pattern`.
+    - `no_ground_truth` (only with `require_assistant: false`): the prompt has no `answer`.
+
+    With `require_assistant: false` (RL prompts, e.g. verl shards: system + user turns only) it checks the
+    prompt instead of a trajectory: a user question, roles in order, images present, and a ground truth.
     """
 
     name = "format"
     batch_size = 256
 
     class Options(StageOptions):
-        require_assistant: bool = Field(default=True, description="a trajectory (SFT); false for RL prompts")
+        require_assistant: bool = Field(default=True, description="a full trajectory (SFT); false for RL prompts")
         answer_pattern: str | None = Field(default=None, description="regex the final assistant text must match")
 
-    def check(self, sample: Sample) -> bool | Verdict:
-        messages = sample.messages
-        if not any(m.role == "user" and m.text.strip() for m in messages):
-            return reject("empty_question", "no user turn with text")
-        for index, message in enumerate(messages):
-            missing = [i for i in message.image_indices if not 0 <= i < len(sample.images)]
-            if missing:
-                return reject("missing_image", f"message {index} shows image {missing[0]}; the sample has {len(sample.images)}")
-            if any(not call.name for call in message.tool_calls):
-                return reject("bad_tool_call", f"message {index}: a tool call without a name")
-        first_user = next(i for i, m in enumerate(messages) if m.role == "user")
-        if any(m.role == "system" for m in messages[1:]) or any(m.role in ("assistant", "tool") for m in messages[:first_user]):
-            return reject("bad_roles", f"roles {[m.role for m in messages[: first_user + 1]]} before the question")
-        if not self.options.require_assistant:
-            return KEEP if sample.answer not in (None, "", []) else reject("no_ground_truth", "the prompt has no answer")
-        return self._check_calls(sample) or self._check_final_answer(sample)
+        @field_validator("answer_pattern")
+        @classmethod
+        def _compiles(cls, pattern: str | None) -> str | None:
+            try:  # a bad pattern fails when the recipe loads, not on the first row
+                re.compile(pattern or "")
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+            return pattern
 
-    def _check_calls(self, sample: Sample) -> Verdict | None:
-        """Each tool turn answers one call of the assistant turn before it (by id when ids are set, else in order)."""
-        pending: list[str] = []
+    def check(self, sample: Sample) -> Verdict:
+        for rule in (self._question, self._roles, missing_image, self._tool_call_shapes):
+            verdict = rule(sample)
+            if verdict is not None:
+                return verdict
+        if not self.options.require_assistant:
+            if sample.answer in (None, "", []):
+                return reject("no_ground_truth", "the prompt has no answer")
+            return KEEP
+        return self._calls_answered(sample) or self._final_answer(sample)
+
+    @staticmethod
+    def _question(sample: Sample) -> Verdict | None:
+        if any(m.role == "user" and m.text.strip() for m in sample.messages):
+            return None
+        return reject("empty_question", "no user turn with text")
+
+    @staticmethod
+    def _roles(sample: Sample) -> Verdict | None:
+        """Roles known, an optional system turn first, and nothing but it before the first user turn."""
+        seen_user = False
+        for index, message in enumerate(sample.messages):
+            if message.role not in ROLES:
+                return reject("bad_roles", f"message {index} has unknown role {message.role!r}")
+            if message.role == "system" and index > 0:
+                return reject("bad_roles", f"message {index} is a system turn; only the first turn may be")
+            if message.role in ("assistant", "tool") and not seen_user:
+                return reject("bad_roles", f"message {index} is a {message.role} turn before the first user turn")
+            seen_user = seen_user or message.role == "user"
+        return None
+
+    @staticmethod
+    def _tool_call_shapes(sample: Sample) -> Verdict | None:
+        for index, call in sample.tool_calls():
+            if not call.name.strip():
+                return reject("bad_tool_call", f"message {index}: a tool call without a name")
+            if not isinstance(call.arguments, dict):
+                return reject("bad_tool_call", f"message {index}: {call.name} arguments are a "
+                                               f"{type(call.arguments).__name__}, not a dict")
+        return None
+
+    @staticmethod
+    def _calls_answered(sample: Sample) -> Verdict | None:
+        """Each batch of calls is followed by exactly one tool turn per call, before any other turn."""
+        pending: list[str] = []  # ids of the unanswered calls of the current batch ("" where a call has none)
+        caller: int | None = None  # index of the assistant turn whose calls are being answered
         for index, message in enumerate(sample.messages):
             if message.role == "tool":
-                if not pending:
-                    return reject("bad_roles", f"message {index} is a tool turn that answers no call")
-                if message.tool_call_id and message.tool_call_id in pending:
-                    pending.remove(message.tool_call_id)
-                else:
-                    pending.pop(0)
+                if caller is None:
+                    return reject("bad_roles", f"message {index} is a tool turn that follows no tool call")
+                verdict = _answer(pending, message, index, caller)
+                if verdict is not None:
+                    return verdict
                 continue
             if pending:
-                return reject("unanswered_tool_call", f"message {index - 1}: {len(pending)} call(s) without an observation")
+                return reject("unanswered_tool_call", f"message {caller}: {len(pending)} of its calls have no "
+                                                      f"observation before message {index}")
             pending = [call.id for call in message.tool_calls]
-        return reject("unanswered_tool_call", "the last tool call has no observation") if pending else None
+            caller = index if pending else None
+        if pending:
+            return reject("unanswered_tool_call", f"message {caller}: {len(pending)} of its calls have no observation")
+        return None
 
-    def _check_final_answer(self, sample: Sample) -> Verdict:
+    def _final_answer(self, sample: Sample) -> Verdict:
+        last_index = len(sample.messages) - 1
         last = sample.messages[-1]
         if last.role != "assistant" or not last.text.strip():
-            return reject("no_final_answer", f"the trajectory ends with a {last.role} turn, not an assistant answer")
+            what = "an assistant turn without text" if last.role == "assistant" else f"a {last.role} turn"
+            return reject("no_final_answer", f"message {last_index} (the last) is {what}")
         pattern = self.options.answer_pattern
-        if pattern and not re.search(pattern, last.text, re.S):
-            return reject("no_final_answer", f"the final assistant turn does not match {pattern!r}: {last.text[-80:]!r}")
+        if pattern and not re.search(pattern, last.text, re.DOTALL):
+            return reject("no_final_answer", f"message {last_index}: the final text does not match {pattern!r}: "
+                                             f"{last.text[-80:]!r}")
         return KEEP
+
+
+def _answer(pending: list[str], observation: Message, index: int, caller: int) -> Verdict | None:
+    """Mark the call `observation` answers as answered (by id when both have one, else the first pending)."""
+    if not pending:
+        return reject("orphan_observation", f"message {index}: every call of message {caller} is already answered")
+    call_id = observation.tool_call_id
+    if call_id and call_id in pending:
+        pending.remove(call_id)
+    elif call_id and any(pending):
+        return reject("orphan_observation", f"message {index}: tool_call_id {call_id!r} matches no pending call "
+                                            f"of message {caller}")
+    else:
+        pending.pop(0)
+    return None

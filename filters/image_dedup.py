@@ -7,20 +7,27 @@ from typing import Any, Literal
 
 import imagehash
 from PIL import Image as PILImage
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from curate.hashindex import HashIndex
 from curate.sample import Sample
 from curate.stage import KEEP, Stage, StageContext, StageOptions, Verdict, reject
+from filters.image_integrity import strict_decoding
 
-_HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash, "whash": imagehash.whash}
+HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash, "whash": imagehash.whash}
 
 
 class ImageDedup(Stage):
-    """Rejects a sample with an image within `max_distance` bits (perceptual hash) of an earlier kept sample's image.
+    """Rejects a sample with an image within `max_distance` bits of an image of an earlier kept sample.
 
-    Reason `duplicate_image`; the detail names the earlier sample, image and distance. The hashes go to
-    `meta.image_dedup.hashes`. Stateful: the index sees every row in input order and is saved with each batch.
+    Images are compared by perceptual hash across the whole dataset; the first occurrence is kept.
+
+    Reason `duplicate_image`; the detail names this sample's image, the earlier sample and its image, and the
+    distance. Identical images inside one sample do not make it a duplicate of itself. Images that do not
+    decode are skipped here (image_integrity rejects them) and listed in `meta.image_dedup.undecodable`.
+    `meta.image_dedup.hashes` holds every image's hash in hex (None where undecodable; imagehash's
+    `hex_to_hash` reads them back). Stateful: the index (curate/hashindex.py, multi-index hashing) sees every
+    row in input order and is saved with each batch; the hashing itself runs in the workers (`prepare`).
     """
 
     name = "image_dedup"
@@ -29,8 +36,23 @@ class ImageDedup(Stage):
 
     class Options(StageOptions):
         hash: Literal["phash", "dhash", "ahash", "whash"] = Field(default="phash", description="imagehash function")
-        hash_size: int = Field(default=8, ge=4, le=16, description="hash side; the hash has hash_size^2 bits")
-        max_distance: int = Field(default=4, ge=0, le=32, description="largest Hamming distance counted as duplicate")
+        hash_size: int = Field(default=8, ge=2, le=8, description="hash grid side: hash_size^2 bits, at most 64")
+        max_distance: int = Field(default=4, ge=0, description="largest Hamming distance counted as a duplicate")
+
+        @field_validator("hash_size")
+        @classmethod
+        def _whash_needs_power_of_two(cls, value: int, info: ValidationInfo) -> int:
+            if info.data.get("hash") == "whash" and value & (value - 1):
+                raise ValueError("whash needs a power of two")
+            return value
+
+        @field_validator("max_distance")
+        @classmethod
+        def _below_hash_bits(cls, value: int, info: ValidationInfo) -> int:
+            bits = info.data.get("hash_size", 8) ** 2
+            if value >= bits:
+                raise ValueError(f"must be below the hash's {bits} bits")
+            return value
 
     def setup(self, context: StageContext) -> None:
         self.index = HashIndex(self.options.max_distance, bits=self.options.hash_size**2)
@@ -38,50 +60,49 @@ class ImageDedup(Stage):
     def prepare(self, batch: list[Sample]) -> None:
         """Hash in the worker processes; the index, which needs every row in order, stays in the driver."""
         for sample in batch:
-            sample.meta[self.name] = {"hash": self._hash_kind, "hashes": self._hex_hashes(sample)}
+            sample.meta[self.name] = {"hash": self._hash_kind, "hashes": self._hashes(sample)}
 
     def process(self, batch: list[Sample]) -> list[Verdict]:
-        hashes = [self._prepared(sample) for sample in batch]
-        # Images that do not decode are left to image_integrity; their index stays in the detail.
-        decodable = [[(k, h) for k, h in enumerate(values) if h is not None] for values in hashes]
+        hexes = [self._prepared(sample) for sample in batch]
+        decodable = [[k for k, value in enumerate(values) if value is not None] for values in hexes]
         matches = self.index.dedup_batch(
-            [[h for _, h in pairs] for pairs in decodable],
-            [[f"{k} of {sample.id}" for k, _ in pairs] for sample, pairs in zip(batch, decodable)],
+            [[int(values[k], 16) for k in indices] for values, indices in zip(hexes, decodable)],
+            [[f"image {k} of sample {sample.id}" for k in indices] for sample, indices in zip(batch, decodable)],
         )
         verdicts: list[Verdict] = []
-        for sample, values, pairs, match in zip(batch, hashes, decodable, matches):
-            sample.meta[self.name] = {"hash": self._hash_kind, "hashes": [None if h is None else f"{h:x}" for h in values]}
+        for sample, values, indices, match in zip(batch, hexes, decodable, matches):
+            annotation: dict[str, Any] = {"hash": self._hash_kind, "hashes": values}
+            if len(indices) < len(values):
+                annotation["undecodable"] = [k for k, value in enumerate(values) if value is None]
+            sample.meta[self.name] = annotation
             if match is None:
                 verdicts.append(KEEP)
             else:
                 member, earlier, distance = match
-                verdicts.append(reject("duplicate_image", f"image {pairs[member][0]} is {distance} bits from image {earlier}"))
+                verdicts.append(reject("duplicate_image", f"image {indices[member]} is {distance} bits from {earlier}"))
         return verdicts
 
     @property
     def _hash_kind(self) -> str:
         return f"{self.options.hash}-{self.options.hash_size}"
 
-    def _hex_hashes(self, sample: Sample) -> list[str | None]:
-        return [None if h is None else f"{h:x}" for h in (self._hash(image.data) for image in sample.images)]
-
-    def _prepared(self, sample: Sample) -> list[int | None]:
+    def _prepared(self, sample: Sample) -> list[str | None]:
         """The sample's hashes: from `prepare` when it ran with these options, else computed now."""
         annotation = sample.meta.get(self.name)
         if isinstance(annotation, dict) and annotation.get("hash") == self._hash_kind:
-            hexes = annotation["hashes"]
-        else:
-            hexes = self._hex_hashes(sample)
-        return [None if h is None else int(h, 16) for h in hexes]
+            return annotation["hashes"]
+        return self._hashes(sample)
 
-    def _hash(self, data: bytes) -> int | None:
-        """The perceptual hash as an int; None for an image that does not decode (image_integrity's job)."""
+    def _hashes(self, sample: Sample) -> list[str | None]:
+        return [self._hash(image.data) for image in sample.images]
+
+    def _hash(self, data: bytes) -> str | None:
+        """The perceptual hash in hex; None for an image that does not decode (image_integrity's concern)."""
         try:
-            with PILImage.open(io.BytesIO(data)) as image:
-                bits = _HASHES[self.options.hash](image, hash_size=self.options.hash_size).hash.flatten()
-        except Exception:  # any decoding failure: this stage only compares images that decode
+            with strict_decoding(), PILImage.open(io.BytesIO(data)) as image:
+                return str(HASHES[self.options.hash](image, hash_size=self.options.hash_size))
+        except Exception:  # noqa: BLE001 - Pillow raises a zoo of types on broken files; only images that decode count
             return None
-        return int("".join("1" if bit else "0" for bit in bits), 2)
 
     def state_dict(self) -> dict[str, Any]:
         return self.index.state_dict()

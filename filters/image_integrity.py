@@ -4,20 +4,53 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from PIL import Image as PILImage
+from PIL import ImageFile
 from pydantic import Field
 
 from curate.sample import Sample
 from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
 
 
+@contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Decode strictly whatever the process has set: a cut-off file raises instead of being padded with grey
+    (`ImageFile.LOAD_TRUNCATED_IMAGES`, which some libraries switch on), and Pillow's decompression-bomb
+    warning raises like its error. Both are restored on exit."""
+    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+
+
+def missing_image(sample: Sample) -> Verdict | None:
+    """A `missing_image` rejection when a message shows an image index the sample does not have."""
+    for message_index, message in enumerate(sample.messages):
+        for index in message.image_indices:
+            if not 0 <= index < len(sample.images):
+                return reject("missing_image", f"message {message_index} shows image {index}; "
+                                               f"the sample has {len(sample.images)}")
+    return None
+
+
 class ImageIntegrity(Stage):
     """Rejects samples with an image that is empty, unreadable, truncated, a decompression bomb, or of absurd size.
 
-    Reasons: `empty_image`, `unreadable_image`, `truncated_image`, `decompression_bomb`, `image_too_large`,
-    `image_too_small`, `bad_aspect_ratio`, `missing_image` (a message shows an image the sample lacks).
-    The size is read from the header before anything is decoded, so a bomb is never decompressed.
+    Reasons (the detail starts with `image N (format):` and gives the defect, with Pillow's message):
+    `empty_image` (0 bytes), `unreadable_image` (no format Pillow reads, or a decoder error),
+    `truncated_image` (the data ends before the pixels do), `decompression_bomb` (Pillow's bomb guard),
+    `image_too_large` (> `max_pixels`), `image_too_small` (a side < `min_side`), `bad_aspect_ratio`
+    (> `max_aspect_ratio`), and `missing_image` (a message shows an image index the sample lacks).
+    The size comes from the header before any pixel is decoded, so a bomb is never decompressed; then the
+    image is fully loaded, whatever the process set `ImageFile.LOAD_TRUNCATED_IMAGES` to. Samples without
+    images are kept.
     """
 
     name = "image_integrity"
@@ -25,14 +58,13 @@ class ImageIntegrity(Stage):
 
     class Options(StageOptions):
         max_pixels: int = Field(default=50_000_000, gt=0, description="most pixels (width x height) an image may have")
-        min_side: int = Field(default=8, gt=0, description="smallest width or height allowed")
-        max_aspect_ratio: float = Field(default=50.0, gt=1, description="largest long side / short side")
+        min_side: int = Field(default=8, gt=0, description="smallest width or height allowed, in pixels")
+        max_aspect_ratio: float = Field(default=50.0, ge=1, description="largest long side / short side")
 
-    def check(self, sample: Sample) -> bool | Verdict:
-        for message_index, message in enumerate(sample.messages):
-            for index in message.image_indices:
-                if not 0 <= index < len(sample.images):
-                    return reject("missing_image", f"message {message_index} shows image {index}; the sample has {len(sample.images)}")
+    def check(self, sample: Sample) -> Verdict:
+        missing = missing_image(sample)
+        if missing is not None:
+            return missing
         for index, image in enumerate(sample.images):
             verdict = self.check_image(image.data)
             if not verdict.keep:
@@ -42,27 +74,29 @@ class ImageIntegrity(Stage):
     def check_image(self, data: bytes) -> Verdict:
         if not data:
             return reject("empty_image", "0 bytes")
-        options = self.options
         try:
-            with warnings.catch_warnings():
-                # Pillow warns before it errors on bombs; a warning-sized image is a bomb here too.
-                warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-                with PILImage.open(io.BytesIO(data)) as image:
-                    width, height = image.size
-                    if width * height > options.max_pixels:
-                        return reject("image_too_large", f"{width}x{height} exceeds {options.max_pixels} pixels")
-                    if min(width, height) < options.min_side:
-                        return reject("image_too_small", f"{width}x{height} has a side under {options.min_side} px")
-                    if max(width, height) / min(width, height) > options.max_aspect_ratio:
-                        return reject("bad_aspect_ratio", f"{width}x{height} exceeds {options.max_aspect_ratio}:1")
-                    image.load()
+            with strict_decoding(), PILImage.open(io.BytesIO(data)) as image:
+                size = self._check_size(*image.size)
+                if not size.keep:
+                    return size
+                image.load()
         except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
             return reject("decompression_bomb", str(exc))
         except PILImage.UnidentifiedImageError:
-            # Pillow's message names the BytesIO object's address; keep details reproducible across runs.
-            return reject("unreadable_image", "cannot identify image file: no format Pillow reads")
-        except (OSError, SyntaxError, ValueError) as exc:
-            # Pillow reports a cut-off file as OSError "image file is truncated" or "... broken data stream".
-            reason = "truncated_image" if "truncated" in str(exc) or "broken" in str(exc) else "unreadable_image"
-            return reject(reason, str(exc))
+            # Pillow's message names the buffer's address; the first bytes say more and are reproducible.
+            return reject("unreadable_image", f"cannot identify image file (starts with {data[:8]!r})")
+        except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, EOFError, ...
+            # A cut-off file reads "image file is truncated (...)" or "Truncated File Read" depending on the plugin.
+            reason = "truncated_image" if "truncated" in str(exc).lower() else "unreadable_image"
+            return reject(reason, f"{type(exc).__name__}: {exc}")
+        return KEEP
+
+    def _check_size(self, width: int, height: int) -> Verdict:
+        options = self.options
+        if width * height > options.max_pixels:
+            return reject("image_too_large", f"{width}x{height} exceeds {options.max_pixels} pixels")
+        if min(width, height) < options.min_side:
+            return reject("image_too_small", f"{width}x{height} has a side under {options.min_side} px")
+        if max(width, height) / min(width, height) > options.max_aspect_ratio:
+            return reject("bad_aspect_ratio", f"{width}x{height} is more than {options.max_aspect_ratio}:1")
         return KEEP
