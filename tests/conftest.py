@@ -58,6 +58,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any] | str]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One generation cache for every test that runs a recipe: the bundled sample's probe answers are
+    computed once per session (content-addressed, so sharing is exactly what a user's cache does)."""
+    return tmp_path_factory.mktemp("probe-cache") / "cache.sqlite"
+
+
 @pytest.fixture
 def messages_file(tmp_path: Path) -> Path:
     """40 good rows plus two malformed ones (bad JSON, missing messages)."""

@@ -103,10 +103,10 @@ def test_stages_lists_builtin_stages_with_options() -> None:
     assert "max_distance" in listing
 
 
-def test_sample_recipe_runs_and_inspect_prints_funnel(tmp_path: Path) -> None:
+def test_sample_recipe_runs_and_inspect_prints_funnel(tmp_path: Path, probe_cache: Path) -> None:
     run_dir = tmp_path / "sft"
     result = curate("run", "recipes/metis_sft.yaml", "--local", "-o", str(run_dir), "--cache",
-                    str(tmp_path / "c.sqlite"), "--no-progress")
+                    str(probe_cache), "--no-progress")
     manifest = assert_accounting(run_dir)
     assert f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept" in result.stdout
     # Every stage of the recipe rejects something planted in the bundled sample.
@@ -147,7 +147,7 @@ def test_entry_point_plugin_stage_is_found_and_runs(tmp_path: Path, generated: P
                                      "reasons": {"odd_row": 300}}
 
 
-def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Path) -> None:
+def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Path, probe_cache: Path) -> None:
     import psutil
 
     data = yaml.safe_load((REPO / "recipes" / "metis_sft.yaml").read_text())
@@ -155,7 +155,7 @@ def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Pa
     data["batch_size"] = 16
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    cache = str(tmp_path / "cache.sqlite")
+    cache = str(probe_cache)
     curate("run", str(recipe), "--local", "-o", str(tmp_path / "clean"), "--cache", cache, "--no-progress")
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed),

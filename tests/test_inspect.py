@@ -25,7 +25,7 @@ from curate.rundir import RunDir
 register_stage(RecordedVsActual)
 
 
-def run_recipe(tmp_path: Path, name: str, recipe: str = "metis_sft", extra_stage: bool = False, batch_size: int = 256) -> Path:
+def run_recipe(tmp_path: Path, name: str, cache: Path, recipe: str = "metis_sft", extra_stage: bool = False, batch_size: int = 256) -> Path:
     source = (REPO / "recipes" / f"{recipe}.yaml").read_text()
     recipe_path = REPO / "recipes" / f"{recipe}.yaml"
     if extra_stage or batch_size != 256:
@@ -38,14 +38,14 @@ def run_recipe(tmp_path: Path, name: str, recipe: str = "metis_sft", extra_stage
         data["batch_size"] = batch_size
         recipe_path = tmp_path / f"{name}.yaml"
         recipe_path.write_text(yaml.safe_dump(data))
-    LocalExecutor(load_recipe(recipe_path, profile="local"), tmp_path / name, cache_path=tmp_path / "c.sqlite",
+    LocalExecutor(load_recipe(recipe_path, profile="local"), tmp_path / name, cache_path=cache,
                   progress=False).run()
     return tmp_path / name
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_recipe(tmp_path_factory.mktemp("inspect"), "sft", extra_stage=True)
+def sft_run(tmp_path_factory: pytest.TempPathFactory, probe_cache: Path) -> Path:
+    return run_recipe(tmp_path_factory.mktemp("inspect"), "sft", probe_cache, extra_stage=True)
 
 
 def test_funnel_and_reasons_equal_the_manifest(sft_run: Path) -> None:
@@ -103,16 +103,16 @@ def test_export_writes_a_file_a_recipe_reads(sft_run: Path, tmp_path: Path) -> N
     assert [s.id for s in back] == picked
 
 
-def test_rl_run_scores_and_samples(tmp_path: Path) -> None:
-    run = Run(run_recipe(tmp_path, "rl", recipe="metis_rl"))
+def test_rl_run_scores_and_samples(tmp_path: Path, probe_cache: Path) -> None:
+    run = Run(run_recipe(tmp_path, "rl", probe_cache, recipe="metis_rl"))
     kept_id = run.kept().select(pl.col("extra_info").struct.field("id")).head(1).collect().item()
     sample, verdict = run.sample(kept_id)
     assert verdict is None and "image_dedup" in sample.meta  # stage annotations survive the verl schema
     assert run.summary(reason="no_ground_truth").height == 2
 
 
-def test_killed_and_resumed_run_opens_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    clean = Run(run_recipe(tmp_path, "clean", batch_size=32))
+def test_killed_and_resumed_run_opens_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, probe_cache: Path) -> None:
+    clean = Run(run_recipe(tmp_path, "clean", probe_cache, batch_size=32))
     commit, calls = RunDir.commit_batch, {"n": 0}
 
     def die_on_fourth(self, *args):  # noqa: ANN001, ANN202
@@ -123,9 +123,9 @@ def test_killed_and_resumed_run_opens_the_same(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(RunDir, "commit_batch", die_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(tmp_path, "resumed", batch_size=32)
+        run_recipe(tmp_path, "resumed", probe_cache, batch_size=32)
     monkeypatch.setattr(RunDir, "commit_batch", commit)
-    resumed = Run(run_recipe(tmp_path, "resumed", batch_size=32))
+    resumed = Run(run_recipe(tmp_path, "resumed", probe_cache, batch_size=32))
     assert resumed.manifest["resumed"] == 1
     assert resumed.funnel().drop("seconds").equals(clean.funnel().drop("seconds"))
     assert resumed.summary().sort("id").equals(clean.summary().sort("id"))

@@ -39,6 +39,9 @@ METIS_SYSTEM_PROMPT = (
     "\"arguments\": {\"code\": \"...\"}}</tool_call>; the input images are preloaded as image_1, image_2, ... "
     "(PIL images). Reason inside <reason>...</reason> and give the final answer inside <answer>...</answer>."
 )
+# Words SmolLM2-135M-Instruct (the --local probe model) copies back reliably: measured 16/16 at temperature 0.2,
+# so the planted too-easy questions are too easy for the local model too.
+COPYABLE_WORDS = ["piano", "lemon"]
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "garden", "silver", "candle", "forest"]
 ITEMS = ["milk", "bread", "eggs", "coffee", "rice", "tea", "soap", "jam", "salt", "oil"]
 LANDMARKS = {"tower": ("Gustave Eiffel's company", "Eiffel Tower"), "arch": ("Jean Chalgrin", "Arc de Triomphe")}
@@ -288,8 +291,8 @@ def _failing(code: str, recorded: str) -> Builder:
 
 
 def _trivial(sample_id: str, rng: random.Random, _: Sample | None) -> Sample:
-    word = rng.choice(WORDS)
-    task = Task(f"Repeat exactly this word: {word}", [to_png(draw_shapes(rng))], f"print({word!r})", word,
+    word = rng.choice(COPYABLE_WORDS)
+    task = Task(f"Repeat the word: {word}. Answer with the word only.", [to_png(draw_shapes(rng))], f"print({word!r})", word,
                 "I will print the word to be sure.")
     return tool_trajectory(sample_id, task)
 
@@ -379,7 +382,7 @@ def _rl_from_task(sample_id: str, rng: random.Random) -> Sample:
 
 
 def _too_easy(sample_id: str, rng: random.Random, _: Sample) -> Sample:
-    word = rng.choice(WORDS)
+    word = rng.choice(COPYABLE_WORDS)
     return rl_prompt(sample_id, f"Repeat the word: {word}. Answer with the word only.", to_png(draw_shapes(rng)), word, "reasoning")
 
 

@@ -1,0 +1,93 @@
+"""The transformers backend: batched sampling on CPU or GPU, text-only or vision-language models.
+
+Prompts are left-padded into batches of `batch_size`. For text-only models the prompt is prefilled once
+and its key/value cache copied n times (as vLLM's prefix caching does), instead of prefilling n copies;
+vision-language models (whose position ids depend on the image grid) use `num_return_sequences`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from curate.generation import Prompt, SamplingParams, pil_images, render_chat
+from curate.models import resolve_model
+
+
+class TransformersGenerator:
+    backend = "transformers"
+
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+                 share_prefill: bool = True, progress: bool = False) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+        self.model = model
+        self.calls = 0
+        self.batch_size = batch_size
+        self.share_prefill = share_prefill
+        self.progress = progress
+        path = resolve_model(model)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        torch_dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32,
+                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.vision = hasattr(self.processor, "image_processor")
+        self.tokenizer = self.processor.tokenizer if self.vision else self.processor
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        vision_config = getattr(AutoConfig.from_pretrained(path), "vision_config", None)
+        model_class = AutoModelForImageTextToText if self.vision and vision_config else AutoModelForCausalLM
+        self.net = model_class.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+
+    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
+        self.calls += len(prompts)
+        torch.manual_seed(params.seed)
+        completions: list[list[str]] = []
+        starts = range(0, len(prompts), self.batch_size)
+        for start in tqdm(starts, desc=f"generate ({self.model})", unit="batch", disable=not self.progress):
+            completions += self._generate_batch(prompts[start:start + self.batch_size], n, params)
+        return completions
+
+    def _generate_batch(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
+        inputs = self.encode(prompts)
+        greedy = params.temperature == 0
+        # Greedy decoding gives n equal answers: compute one.
+        copies = 1 if greedy else n
+        sampling: dict[str, Any] = {"do_sample": False} if greedy else {
+            "do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        with torch.inference_mode():
+            if copies > 1 and self.share_prefill and not self.vision:
+                output = self._generate_shared_prefill(inputs, copies, params.max_tokens, sampling)
+            else:
+                output = self.net.generate(**inputs, num_return_sequences=copies, max_new_tokens=params.max_tokens,
+                                           pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        texts = self.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [texts[i * copies:(i + 1) * copies] * (n // copies) for i in range(len(prompts))]
+
+    def encode(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Chat-templated, left-padded model inputs (with pixel values for vision-language models)."""
+        texts = [render_chat(self.processor, p, self.vision) for p in prompts]
+        if not self.vision:
+            return self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        images = [pil_images(p) for p in prompts]
+        return self.processor(text=texts, images=images if any(images) else None, return_tensors="pt",
+                              padding=True).to(self.device)
+
+    def _generate_shared_prefill(self, inputs: dict[str, torch.Tensor], n: int, max_tokens: int,
+                                 sampling: dict[str, Any]) -> torch.Tensor:
+        """Prefill each prompt (all but its last token) once, copy the cache n times, then sample n answers."""
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from a left-padded mask
+        cache = self.net(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                         use_cache=True).cache
+        cache.batch_repeat_interleave(n)
+        return self.net.generate(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                                 cache=cache, max_new_tokens=max_tokens,
+                                 pad_token_id=self.tokenizer.pad_token_id, **sampling)
+
+    def close(self) -> None:
+        del self.net

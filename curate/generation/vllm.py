@@ -1,0 +1,74 @@
+"""The vLLM backend (GPU; `pip install 'curate[gpu]'`): one `LLM.generate` call per batch of prompts.
+
+`SamplingParams(n=k)` makes vLLM prefill each prompt once and sample k continuations from it, and prefix
+caching (on) shares system prompts across questions. Images go in as vLLM multi-modal data next to the
+chat-templated prompt text, one placeholder per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from curate.errors import UserError
+from curate.generation import Prompt, SamplingParams, pil_images, render_chat
+from curate.models import resolve_model
+
+
+def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str]) -> list[dict[str, Any]]:
+    """vLLM prompt dicts: the rendered text, plus `multi_modal_data` for prompts that show images."""
+    requests = []
+    for prompt in prompts:
+        request: dict[str, Any] = {"prompt": render(prompt)}
+        images = pil_images(prompt)
+        if images:
+            request["multi_modal_data"] = {"image": images}
+        requests.append(request)
+    return requests
+
+
+def sampling_kwargs(n: int, params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of `vllm.SamplingParams` (its names match ours but for max_tokens' default)."""
+    return {"n": n, **asdict(params)}
+
+
+class VLLMGenerator:
+    backend = "vllm"
+
+    def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, max_images: int = 8, dtype: str = "auto",
+                 progress: bool = False) -> None:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise UserError("backend 'vllm' needs vLLM on a GPU machine: pip install 'curate[gpu]', "
+                            "or use backend 'transformers' (the --local profile does)") from None
+        from transformers import AutoConfig, AutoProcessor
+
+        self.model = model
+        self.calls = 0
+        self.progress = progress
+        path = resolve_model(model)
+        self.vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+        self.template_owner = AutoProcessor.from_pretrained(path)
+        engine_args: dict[str, Any] = {
+            "model": path, "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
+            "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "dtype": dtype}
+        if self.vision:
+            engine_args["limit_mm_per_prompt"] = {"image": max_images}
+        self.llm = LLM(**engine_args)
+
+    def render(self, prompt: Prompt) -> str:
+        return render_chat(self.template_owner, prompt, self.vision)
+
+    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        self.calls += len(prompts)
+        outputs = self.llm.generate(build_requests(prompts, self.render), VLLMSamplingParams(**sampling_kwargs(n, params)),
+                                    use_tqdm=self.progress)
+        return [[completion.text for completion in output.outputs] for output in outputs]
+
+    def close(self) -> None:
+        del self.llm

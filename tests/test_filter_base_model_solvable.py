@@ -1,0 +1,91 @@
+"""base_model_solvable on the real SmolLM2-135M-Instruct, and through a local OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from conftest import png_bytes
+from servers import ChatServer, last_user_text
+
+from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
+from curate.stage import StageContext
+from filters.base_model_solvable import BaseModelSolvable
+
+EASY = "Repeat the word: lemon. Answer with the word only."  # SmolLM2-135M copies it back, greedily
+HARD = "What is 4821 * 53312 - 123456789? Give the exact integer."
+
+
+def trajectory(sample_id: str, question: str, answer: str | None, final: str = "") -> Sample:
+    call = ToolCall("python", {"code": "print(image_1.size)"}, "call_0")
+    messages = [
+        Message("system", [TextPart("You may call a python tool.")]),
+        Message("user", [ImagePart(0), TextPart(question)]),
+        Message("assistant", [TextPart("Let me check.")], [call]),
+        Message("tool", [TextPart("(32, 32)")], tool_call_id="call_0"),
+        Message("assistant", [TextPart(final or f"<answer>{answer}</answer>")]),
+    ]
+    return Sample(sample_id, "test", messages, [Image(png_bytes(3), "png")], answer)
+
+
+def run(batch: list[Sample], cache: Path, **options: Any) -> tuple[BaseModelSolvable, list]:
+    stage = BaseModelSolvable(BaseModelSolvable.Options(**options))
+    stage.setup(StageContext(cache, cache.parent))
+    try:
+        return stage, stage.process(batch)
+    finally:
+        stage.teardown()
+
+
+def test_real_model_rejects_what_it_always_solves_and_keeps_the_hard_one(tmp_path: Path) -> None:
+    batch = [trajectory("easy", EASY, "lemon"), trajectory("hard", HARD, str(4821 * 53312 - 123456789)),
+             trajectory("own-answer", EASY, None, final="The word is <answer>lemon</answer>"),
+             trajectory("no-truth", HARD, None, final="")]
+    batch[3].messages[-1].content = [TextPart("")]
+    options = {"model": "smollm2-135m", "k": 4, "temperature": 0.0, "max_tokens": 16}
+    stage, verdicts = run(batch, tmp_path / "c.sqlite", **options)
+    assert [(v.keep, v.reason) for v in verdicts] == [
+        (False, "solvable"), (True, ""), (False, "solvable"), (False, "no_ground_truth")]
+    easy = batch[0].meta["base_model_solvable"]
+    assert easy["correct"] == [True] * 4 and easy["pass_rate"] == 1.0 and easy["k"] == 4
+    assert all(answer.lower().startswith("lemon") for answer in easy["answers"])
+    assert "pass@4 = 1 without tools" in verdicts[0].detail and "'lemon'" in verdicts[0].detail
+    assert batch[1].meta["base_model_solvable"]["correct"] == [False] * 4
+    assert stage.generator.calls == 3  # one prompt each for the three with a ground truth
+
+    again, repeated = run(batch, tmp_path / "c.sqlite", **options)
+    assert again.generator.calls == 0  # every answer came from the cache
+    assert repeated == verdicts
+
+
+def test_sampled_answers_are_k_and_each_verified(tmp_path: Path) -> None:
+    batch = [trajectory("easy", EASY, "lemon")]
+    _, (verdict,) = run(batch, tmp_path / "c.sqlite", k=5, temperature=1.0, max_tokens=12, seed=7)
+    report = batch[0].meta["base_model_solvable"]
+    assert len(report["answers"]) == len(report["correct"]) == len(report["rules"]) == 5
+    assert report["pass_rate"] == sum(report["correct"]) / 5
+    assert verdict.keep == (report["pass_rate"] < 1)
+
+
+def correct_if_easy(body: dict[str, Any], index: int) -> str:
+    question = last_user_text(body)
+    return "<answer>lemon</answer>" if "lemon" in question else f"<answer>{index}</answer>"
+
+
+def test_probe_asks_the_question_alone_and_early_exit_stops_at_the_first_wrong_answer(tmp_path: Path) -> None:
+    batch = [trajectory("easy", EASY, "lemon"), trajectory("hard", HARD, "99")]
+    with ChatServer(answer=correct_if_easy) as server:
+        _, verdicts = run(batch, tmp_path / "c.sqlite", backend="openai", model="probe-model", k=8, early_exit=True,
+                          system="Answer briefly.", backend_options={"base_url": server.base_url})
+        bodies = server.requests
+    assert [(v.keep, v.reason) for v in verdicts] == [(False, "solvable"), (True, "")]
+    assert len(batch[0].meta["base_model_solvable"]["answers"]) == 8
+    assert len(batch[1].meta["base_model_solvable"]["answers"]) == 1  # its first answer was wrong
+    assert sorted(b["n"] for b in bodies) == [1, 1, 7]
+    first = bodies[0]["messages"]
+    assert [m["role"] for m in first] == ["system", "user"]  # the sample's system prompt and tool turns are gone
+    assert first[0]["content"] == [{"type": "text", "text": "Answer briefly."}]
+    user = first[1]["content"]
+    assert user[0]["type"] == "image_url" and user[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert re.search(r"Put the final answer in <answer></answer>\.$", user[-1]["text"])

@@ -1,0 +1,92 @@
+"""Generation backends: the transformers backend on the real SmolLM2-135M-Instruct, vLLM's request
+construction (vLLM itself needs a GPU machine), and the model cache for GGUF files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import png_bytes
+
+from curate.errors import UserError
+from curate.generation import BackendSpec, Prompt, SamplingParams, make_generator
+from curate.generation.hf import TransformersGenerator
+from curate.generation.vllm import build_requests, sampling_kwargs
+from curate.models import SMOLLM2, resolve_model, smollm2_gguf
+from curate.sample import Image, ImagePart, Message, TextPart
+
+
+def question(text: str, image: bool = False) -> Prompt:
+    parts = [ImagePart(0), TextPart(text)] if image else [TextPart(text)]
+    return Prompt((Message("user", parts),), (Image(png_bytes(1), "png"),) if image else ())
+
+
+@pytest.fixture(scope="module")
+def smol() -> TransformersGenerator:
+    return TransformersGenerator(SMOLLM2, batch_size=2)
+
+
+def test_gguf_is_converted_once_to_a_safetensors_folder() -> None:
+    folder = Path(resolve_model(SMOLLM2))
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(SMOLLM2) == str(folder) and resolve_model(str(smollm2_gguf())) == str(folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before  # reused, not converted again
+    assert not list(folder.parent.glob(".converting-*"))  # no half-written folder left behind
+
+
+def test_missing_gguf_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="nowhere.gguf not found"):
+        resolve_model("/nowhere.gguf")
+
+
+def test_n_completions_per_prompt_in_order_across_batches(smol: TransformersGenerator) -> None:
+    prompts = [question(f"Repeat the word: {w}. Answer with the word only.") for w in ("lemon", "piano", "lemon")]
+    greedy = smol.generate(prompts, 3, SamplingParams(temperature=0, max_tokens=8))
+    assert [len(c) for c in greedy] == [3, 3, 3]
+    assert greedy[0] == greedy[2] and len(set(greedy[0])) == 1  # greedy: one answer, repeated
+    assert "lemon" in greedy[0][0].lower() and "piano" in greedy[1][0].lower()
+    sampled = smol.generate(prompts[:1], 6, SamplingParams(temperature=1.0, max_tokens=12, seed=1))
+    assert len(sampled[0]) == 6 and len(set(sampled[0])) > 1  # sampling: different answers
+    assert smol.calls == 4
+
+
+def test_shared_prefill_generates_what_plain_generate_does(smol: TransformersGenerator) -> None:
+    """The prefix-cache copy is an optimisation only: greedy continuations are identical."""
+    inputs = smol.encode([question("Name a color."), question("What is 2 + 2? Explain briefly.")])
+    with torch.inference_mode():
+        shared = smol._generate_shared_prefill(inputs, 2, 12, {"do_sample": False})
+        plain = smol.net.generate(input_ids=inputs["input_ids"].repeat_interleave(2, 0),
+                                  attention_mask=inputs["attention_mask"].repeat_interleave(2, 0), max_new_tokens=12,
+                                  do_sample=False, pad_token_id=smol.tokenizer.pad_token_id)
+    assert torch.equal(shared, plain)
+
+
+def test_text_only_model_leaves_images_out(smol: TransformersGenerator) -> None:
+    inputs = smol.encode([question("What is shown?", image=True)])
+    text = smol.tokenizer.decode(inputs["input_ids"][0])
+    assert "What is shown?" in text and "image" not in text.lower()
+
+
+def test_vllm_requests_carry_rendered_prompts_and_images() -> None:
+    prompts = [question("What is shown?", image=True), question("Just text.")]
+    requests = build_requests(prompts, lambda p: f"<chat>{p.messages[-1].text}</chat>")
+    assert requests[0]["prompt"] == "<chat>What is shown?</chat>"
+    (image,) = requests[0]["multi_modal_data"]["image"]
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert requests[1] == {"prompt": "<chat>Just text.</chat>"}
+    assert sampling_kwargs(8, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=64, seed=3)) == {
+        "n": 8, "temperature": 1.0, "top_p": 0.9, "max_tokens": 64, "seed": 3}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_says_what_to_install() -> None:
+    with pytest.raises(UserError, match="pip install 'curate\\[gpu\\]'"):
+        make_generator(BackendSpec("vllm", SMOLLM2))
+
+
+def test_unknown_backend_names_the_choices() -> None:
+    with pytest.raises(UserError, match="use one of transformers, vllm, openai"):
+        make_generator(BackendSpec("tgi", "m"))
