@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from curate.cache import DEFAULT_CACHE_PATH
+from curate.errors import UserError
 from curate.formats import Format, MalformedRow, count_records, get_format, raw_text, records, sniff_format
 from curate.recipe import Recipe, StageSpec
 from curate.rundir import Rejection, RunDir, RunState, StageStats, fingerprint
@@ -95,6 +96,8 @@ def apply_stages(stages: list[tuple[str, Stage]], samples: list[Sample]) -> Batc
             chunk = samples[offset : offset + stage.batch_size]
             try:
                 verdicts = stage.process(chunk)
+            except UserError:
+                raise  # a stop the user can act on (e.g. a judge budget reached): its own one-line message
             except Exception as exc:
                 ids = ", ".join(sample.id for sample in chunk[:5]) + (" ..." if len(chunk) > 5 else "")
                 raise StageError(f"stage {label!r} failed on a batch of {len(chunk)} rows ({ids}): {exc!r}") from exc

@@ -154,6 +154,8 @@ class RunDir:
         for folder in (self.kept_parts, self.rejected_parts):
             folder.mkdir(parents=True, exist_ok=True)
         (self.path / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
+        if not self.state_file.exists():  # a run stopped before its first batch must still resume here
+            atomic_write_bytes(self.state_file, pickle.dumps(state))
         self._drop_uncommitted_parts(state.batches_done)
         return state
 

@@ -30,7 +30,29 @@ def last_user_text(body: dict[str, Any], index: int = 0) -> str:
     return "".join(part["text"] for part in content if part["type"] == "text")
 
 
-class ChatServer:
+class LocalServer:
+    """A JSON-over-HTTP server on 127.0.0.1 (a free port), serving from a daemon thread while in a `with`.
+    Subclasses answer in `handle(path, headers, raw_body) -> (status, extra headers, payload)`; a None
+    payload drops the connection."""
+
+    def __init__(self) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.app = self  # type: ignore[attr-defined]
+        self.port = self._httpd.server_address[1]
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True).start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def handle(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, str], bytes | None]:
+        raise NotImplementedError
+
+
+class ChatServer(LocalServer):
     """`with ChatServer(answer=...) as server:` point a client at `server.base_url`."""
 
     def __init__(self, answer: Answer = last_user_text, max_n: int | None = None, slow_seconds: float = 1.0,
@@ -44,17 +66,13 @@ class ChatServer:
         self.headers: list[dict[str, str]] = []  # their headers, names lower-cased
         self.faults: deque[str] = deque()
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.chat = self  # type: ignore[attr-defined]
-        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        super().__init__()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self) -> Self:
-        threading.Thread(target=self._httpd.serve_forever, args=(0.01,), daemon=True).start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+    def handle(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, str], bytes | None]:
+        if path.rstrip("/") != "/v1/chat/completions":
+            return 404, {}, b'{"error": {"message": "not found"}}'
+        return self.respond(json.loads(raw), headers)
 
     def respond(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes | None]:
         """Status, extra headers and payload for one request; a None payload drops the connection."""
@@ -86,26 +104,24 @@ class ChatServer:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(404, {}, b'{"error": {"message": "not found"}}')
-            return
         headers = {name.lower(): value for name, value in self.headers.items()}
-        status, extra, payload = self.server.chat.respond(json.loads(raw), headers)  # type: ignore[attr-defined]
+        status, extra, payload = self.server.app.handle(self.path, headers, raw)  # type: ignore[attr-defined]
         if payload is None:
             self.close_connection = True
             return
-        self._send(status, extra, payload)
-
-    def _send(self, status: int, headers: dict[str, str], payload: bytes) -> None:
         self.send_response(status)
-        for name, value in {"Content-Type": "application/json", **headers}.items():
+        for name, value in {"Content-Type": "application/json", **extra}.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.end_headers()
+            self.wfile.write(payload)
+        except ConnectionError:  # the client stopped waiting (a "slow" fault)
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: tests read `ChatServer.requests` instead of the access log."""
+        """Quiet: tests read the server's `requests` instead of the access log."""

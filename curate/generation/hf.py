@@ -8,6 +8,7 @@ vision-language models (whose position ids depend on the image grid) use `num_re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,31 +18,50 @@ from curate.generation import Prompt, SamplingParams, pil_images, render_chat
 from curate.models import resolve_model
 
 
+@dataclass
+class LoadedModel:
+    net: Any  # a transformers PreTrainedModel
+    processor: Any  # the processor of a vision-language model, else the tokenizer
+    tokenizer: Any
+    vision: bool
+    device: str
+
+
+def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Any causal LM, or a vision-language model with its processor, as transformers loads it (GGUF files
+    and `smollm2-135m` through `curate.models`). The tokenizer pads on the left, as generation needs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model(model)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    processor = AutoProcessor.from_pretrained(path)
+    vision = hasattr(processor, "image_processor")
+    tokenizer = processor.tokenizer if vision else processor
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vision_config = getattr(AutoConfig.from_pretrained(path), "vision_config", None)
+    model_class = AutoModelForImageTextToText if vision and vision_config else AutoModelForCausalLM
+    net = model_class.from_pretrained(path, dtype=torch_dtype).to(device)
+    return LoadedModel(net, processor, tokenizer, vision, device)
+
+
 class TransformersGenerator:
     backend = "transformers"
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  share_prefill: bool = True, progress: bool = False) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
         self.model = model
         self.calls = 0
         self.batch_size = batch_size
         self.share_prefill = share_prefill
         self.progress = progress
-        path = resolve_model(model)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        torch_dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32,
-                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.processor = AutoProcessor.from_pretrained(path)
-        self.vision = hasattr(self.processor, "image_processor")
-        self.tokenizer = self.processor.tokenizer if self.vision else self.processor
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        vision_config = getattr(AutoConfig.from_pretrained(path), "vision_config", None)
-        model_class = AutoModelForImageTextToText if self.vision and vision_config else AutoModelForCausalLM
-        self.net = model_class.from_pretrained(path, dtype=torch_dtype).to(self.device).eval()
+        loaded = load_model(model, device, dtype)
+        self.net = loaded.net.eval()
+        self.processor, self.tokenizer, self.vision, self.device = (loaded.processor, loaded.tokenizer, loaded.vision,
+                                                                    loaded.device)
 
     def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
         self.calls += len(prompts)
@@ -83,7 +103,7 @@ class TransformersGenerator:
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from a left-padded mask
         cache = self.net(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                         use_cache=True).cache
+                         use_cache=True, logits_to_keep=1).cache
         cache.batch_repeat_interleave(n)
         return self.net.generate(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                                  cache=cache, max_new_tokens=max_tokens,

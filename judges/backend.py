@@ -1,0 +1,64 @@
+"""What every judge backend implements: one structured request in, one reply out, a single attempt.
+
+Backends only talk to their model and classify failures; retries, rate limits, the budget, parsing and
+the cache belong to `judges.runner.JudgeRunner`, so each backend stays a thin adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from curate.generation import Prompt
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    system: str  # the rubric, sent as the system instruction
+    prompt: Prompt  # what is judged: text and images
+    schema: type[BaseModel]  # the verdict's shape, sent as the response schema where the backend supports one
+    temperature: float = 0.0
+    max_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class JudgeReply:
+    text: str  # the model's answer, expected to be JSON of `schema`
+    input_tokens: int
+    output_tokens: int
+
+
+class RetryableError(Exception):
+    """A failure worth retrying (rate limit, server error, timeout); `retry_after` in seconds if the server said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JudgeBackend(Protocol):
+    name: str  # backend name, part of the cache key
+    model: str
+    settings: dict[str, Any]  # backend options that change answers (part of the cache key too)
+
+    async def complete(self, request: JudgeRequest) -> JudgeReply:
+        """One attempt. Raises RetryableError for transient failures; anything else is fatal."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@cache
+def json_schema(schema: type[BaseModel]) -> dict[str, Any]:
+    """The pydantic model as plain JSON schema, without titles (some servers reject unknown keys). Cached:
+    pydantic builds it anew on every call, and every request's cache key needs it. Do not mutate it."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "title"}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+    return strip(schema.model_json_schema())

@@ -1,0 +1,78 @@
+"""Judge backend for any OpenAI-compatible chat-completions server (vLLM `serve`, SGLang, hosted APIs).
+
+Asks for JSON-schema output (`response_format: json_schema`); a server that rejects that with a 400 is asked
+again without it, the schema then described in the system prompt, and the runner's parser digs the JSON out
+of whatever comes back. Requests run in threads so the runner's asyncio concurrency applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import requests
+
+from curate.generation.openai import retry_after_seconds
+from judges.backend import JudgeReply, JudgeRequest, RetryableError, json_schema
+
+
+class OpenAIJudge:
+    name = "openai"
+    settings: dict[str, Any] = {}  # noqa: RUF012 - read only
+
+    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 120.0) -> None:
+        self.model = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.timeout = timeout
+        self.structured = True  # until the server says it cannot do json_schema
+        self._session = requests.Session()
+        key = os.environ.get(api_key_env, "")
+        if key:
+            self._session.headers["Authorization"] = f"Bearer {key}"
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(model={self.model!r}, url={self.url!r})"
+
+    async def complete(self, request: JudgeRequest) -> JudgeReply:
+        return await asyncio.to_thread(self._complete, request)
+
+    async def aclose(self) -> None:
+        self._session.close()
+
+    def _complete(self, request: JudgeRequest) -> JudgeReply:
+        response = self._post(self._body(request))
+        if response.status_code == 400 and self.structured and "response_format" in response.text:
+            self.structured = False
+            response = self._post(self._body(request))
+        if response.status_code == 429 or response.status_code >= 500:
+            raise RetryableError(f"HTTP {response.status_code}: {response.text[:200]}", retry_after_seconds(response))
+        if not response.ok:
+            raise RuntimeError(f"POST {self.url} failed: HTTP {response.status_code}: {' '.join(response.text[:200].split())}")
+        try:
+            body = response.json()
+            text = body["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RetryableError(f"not a chat completion: {response.text[:200]}") from None
+        usage = body.get("usage") or {}
+        return JudgeReply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+    def _post(self, body: dict[str, Any]) -> requests.Response:
+        try:
+            return self._session.post(self.url, json=body, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as error:
+            raise RetryableError(f"{type(error).__name__}: {error}") from None
+
+    def _body(self, request: JudgeRequest) -> dict[str, Any]:
+        schema = json_schema(request.schema)
+        system = request.system
+        body: dict[str, Any] = {"model": self.model, "temperature": request.temperature, "max_tokens": request.max_tokens}
+        if self.structured:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": request.schema.__name__, "schema": schema, "strict": True}}
+        else:
+            system += f"\n\nReply with one JSON object matching this JSON schema:\n{json.dumps(schema)}"
+        body["messages"] = [{"role": "system", "content": system}, *request.prompt.chat("image_url")]
+        return body

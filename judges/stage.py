@@ -1,0 +1,154 @@
+"""Base of the judge stages: a rubric, a backend, scored dimensions and thresholds.
+
+A judge stage turns each sample into one request (the rubric as system instruction, the sample as text
+and images), gets back a verdict of its schema (integer scores from 1 to 5 per dimension plus a
+justification), and keeps the sample when every score meets its threshold. Scores and justification go
+to `meta[stage]` for kept and rejected samples alike; a verdict the model never delivered is
+`judge_error`, never a low score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from curate.cache import Cache
+from curate.errors import UserError
+from curate.generation import Prompt
+from curate.sample import Sample
+from curate.stage import KEEP, Resources, Stage, StageContext, StageOptions, Verdict, reject
+from judges.backend import JudgeBackend, JudgeRequest
+from judges.limits import Budget, RateLimiter
+from judges.runner import JudgeFailure, JudgeRunner, RetryPolicy
+
+RUBRICS = Path(__file__).parent / "rubrics"
+BACKENDS = {"gemini": "judges.gemini:GeminiBackend", "openai": "judges.openai_chat:OpenAIJudge",
+            "transformers": "judges.local:LocalJudge"}
+
+
+@dataclass(frozen=True)
+class Rubric:
+    name: str
+    version: str
+    text: str
+
+    @property
+    def id(self) -> str:
+        """name@version plus a digest of the text: editing a rubric without bumping its version still
+        changes every cache key, so no stale verdict is reused."""
+        return f"{self.name}@{self.version}:{hashlib.sha256(self.text.encode()).hexdigest()[:12]}"
+
+
+def load_rubric(source: str) -> Rubric:
+    """A bundled rubric by name (`judges/rubrics/<name>.md`) or a file path; front matter gives name and version."""
+    path = Path(source) if source.endswith(".md") else RUBRICS / f"{source}.md"
+    if not path.is_file():
+        raise UserError(f"rubric {source!r} not found: give a bundled name ({', '.join(sorted(p.stem for p in RUBRICS.glob('*.md')))}) "
+                        f"or a path to a .md file")
+    text = path.read_text()
+    front: dict[str, Any] = {}
+    if text.startswith("---\n"):
+        header, _, text = text[4:].partition("\n---\n")
+        front = yaml.safe_load(header) or {}
+    return Rubric(str(front.get("name", path.stem)), str(front.get("version", "0")), text.strip())
+
+
+def make_backend(backend: str, model: str, options: dict[str, Any]) -> JudgeBackend:
+    module_name, class_name = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(model, **options)
+
+
+class JudgeOptions(StageOptions):
+    backend: Literal["gemini", "openai", "transformers"] = Field(default="gemini", description="judge backend")
+    model: str = Field(default="gemini-3.1-pro-preview", description="model name for the backend")
+    backend_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="e.g. base_url, api_key_env (gemini/openai), batch_size (transformers)")
+    rubric: str | None = Field(default=None, description="bundled rubric name or path to a .md file; default: the stage's")
+    min_scores: dict[str, int] = Field(default_factory=dict, description="threshold per dimension (default 3 each)")
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=1024, gt=0)
+    concurrency: int = Field(default=8, gt=0, description="requests in flight")
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0, description="estimated input + output tokens")
+    max_retries: int = Field(default=5, ge=0, description="retries of 429 / 5xx / timeouts")
+    parse_retries: int = Field(default=2, ge=0, description="retries of answers that are not the schema")
+    backoff: float = Field(default=1.0, ge=0, description="first retry delay in seconds (doubles, plus jitter)")
+    max_requests: int | None = Field(default=None, gt=0, description="budget: stop the run after this many requests")
+    max_usd: float | None = Field(default=None, gt=0, description="budget: stop at this estimated spend")
+    usd_per_million_input: float = Field(default=0.0, ge=0, description="price, for max_usd")
+    usd_per_million_output: float = Field(default=0.0, ge=0, description="price, for max_usd")
+
+
+def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRunner:
+    """A runner with the options' backend, concurrency, rate limits, budget and retry policy."""
+    return JudgeRunner(
+        make_backend(options.backend, options.model, options.backend_options), cache, rubric.id,
+        options.concurrency, RateLimiter(options.requests_per_minute, options.tokens_per_minute),
+        Budget(options.max_requests, options.max_usd, options.usd_per_million_input, options.usd_per_million_output),
+        RetryPolicy(options.max_retries, options.parse_retries, options.backoff))
+
+
+class JudgeStage(Stage):
+    """Subclasses set `name`, `default_rubric`, `Scores` (the verdict schema), `reasons` (dimension ->
+    rejection reason), and implement `render(sample)`."""
+
+    Options = JudgeOptions
+    batch_size = 32
+    default_rubric: ClassVar[str]
+    Scores: ClassVar[type[BaseModel]]
+    reasons: ClassVar[dict[str, str]]
+
+    @property
+    def resources(self) -> Resources:  # type: ignore[override]
+        return Resources(io=self.options.backend != "transformers")
+
+    def runs_in_workers(self) -> bool:
+        return False  # one client (or local model) per run, with its own concurrency
+
+    def setup(self, context: StageContext) -> None:
+        options = self.options
+        self.rubric = load_rubric(options.rubric or self.default_rubric)
+        unknown = set(options.min_scores) - set(self.reasons)
+        if unknown:
+            raise UserError(f"stage {self.name!r}: min_scores names {sorted(unknown)}; its dimensions are {sorted(self.reasons)}")
+        self.cache = Cache(context.cache_path)
+        self.runner = make_runner(options, self.cache, self.rubric)
+
+    def teardown(self) -> None:
+        self.runner.close()
+        self.cache.close()
+
+    def render(self, sample: Sample) -> Prompt | None:
+        """What the judge sees; None when there is nothing to judge (the sample is kept unjudged)."""
+        raise NotImplementedError
+
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        prompts = [self.render(sample) for sample in batch]
+        judged = [i for i, prompt in enumerate(prompts) if prompt is not None]
+        requests = [JudgeRequest(self.rubric.text, prompts[i], self.Scores, self.options.temperature,
+                                 self.options.max_tokens) for i in judged]
+        outcomes = dict(zip(judged, self.runner.run(requests), strict=True))
+        return [self._verdict(sample, outcomes.get(i)) for i, sample in enumerate(batch)]
+
+    def _verdict(self, sample: Sample, outcome: BaseModel | JudgeFailure | None) -> Verdict:
+        about = {"rubric": self.rubric.id, "model": f"{self.options.backend}:{self.options.model}"}
+        if outcome is None:
+            sample.meta[self.name] = {**about, "judged": False}
+            return KEEP
+        if isinstance(outcome, JudgeFailure):
+            sample.meta[self.name] = {**about, "error": outcome.message}
+            return reject("judge_error", outcome.message)
+        scores = outcome.model_dump()
+        sample.meta[self.name] = {**about, **scores}
+        low = [(dim, scores[dim], self.options.min_scores.get(dim, 3)) for dim in self.reasons
+               if scores[dim] < self.options.min_scores.get(dim, 3)]
+        if not low:
+            return KEEP
+        summary = ", ".join(f"{dim} {score} < {threshold}" for dim, score, threshold in low)
+        return reject(self.reasons[low[0][0]], f"{summary}: {scores.get('justification', '')}")
