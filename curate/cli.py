@@ -111,3 +111,77 @@ def _render(frame: pl.DataFrame) -> str:
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_width_chars=120,
                    fmt_str_lengths=80):
         return str(frame)
+
+
+@main.group(cls=_UserErrorsAsOneLine)
+def train() -> None:
+    """Train on curated shards: SFT cold start, then HDPO."""
+
+
+def _common_train_options(command: Any) -> Any:
+    for option in reversed([
+        click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option("--model", required=True, help="Hub id, local folder, .gguf file, or smollm2-135m."),
+        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+                     help="Training directory: checkpoints and the metrics log; rerunning resumes from it."),
+        click.option("--lr", type=float, help="Learning rate [SFT 1e-5, HDPO 1e-6]."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto."),
+        click.option("--save-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: at the end)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@train.command("sft")
+@_common_train_options
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Longer trajectories are cut.")
+def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
+                      save_every: int, epochs: int, batch_size: int, grad_accum: int, max_tokens: int) -> None:
+    """SFT cold start on SHARDS (run directories of an SFT recipe, or shard files)."""
+    from curate.train.sft import SFTConfig, train_sft
+
+    checkpoint = train_sft(SFTConfig(model, list(shards), out, epochs, lr or 1e-5, batch_size, grad_accum, max_tokens,
+                                     save_every, seed, device))
+    click.echo(f"checkpoint: {checkpoint}")
+
+
+@train.command("hdpo")
+@_common_train_options
+@click.option("--algo", type=click.Choice(["hdpo", "grpo", "coupled"]), default="hdpo", show_default=True,
+              help="hdpo: two channels; grpo: accuracy only (w_tool 0); coupled: one reward r_acc - alpha·T.")
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--prompts", "prompts_per_step", type=int, default=8, show_default=True, help="Prompts per step.")
+@click.option("--rollouts", "-G", type=int, default=16, show_default=True, help="Rollouts per prompt (G).")
+@click.option("--w-acc", type=float, default=1.0, show_default=True)
+@click.option("--w-tool", type=float, default=0.15, show_default=True)
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="Tool penalty of --algo coupled.")
+@click.option("--max-turns", type=int, default=10, show_default=True, help="Tool calls per rollout.")
+@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Tokens per turn.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--updates-per-step", type=int, default=1, show_default=True, help="Minibatches per step.")
+def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
+                       save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
+                       w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, temperature: float,
+                       updates_per_step: int) -> None:
+    """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
+    from curate.train.hdpo import HDPOConfig, train_hdpo
+
+    config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
+                        alpha, lr or 1e-6, updates_per_step=updates_per_step, max_turns=max_turns,
+                        max_new_tokens=max_new_tokens, temperature=temperature, save_every=save_every, seed=seed,
+                        device=device)
+    click.echo(f"checkpoint: {train_hdpo(config)}")
+
+
+@train.command("plot")
+@click.argument("run", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "png", type=click.Path(path_type=Path), help="PNG path [RUN/metrics.png].")
+def train_plot_command(run: Path, png: Path | None) -> None:
+    """Draw the metrics log of a training directory to a PNG."""
+    from curate.train.plot import plot_metrics
+
+    click.echo(plot_metrics(run, png or run / "metrics.png"))

@@ -1,0 +1,1 @@
+"""The bundled trainer: SFT cold start and HDPO."""

@@ -1,0 +1,34 @@
+"""Checkpoints: `save_pretrained` folders that load anywhere transformers does, plus the optimizer state
+and step so that training resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curate.generation.hf import LoadedModel
+
+
+def save_checkpoint(out: Path, step: int, loaded: LoadedModel, optimizer: torch.optim.Optimizer,
+                    config: dict[str, Any]) -> Path:
+    """`out/checkpoint-<step>`, written to a scratch folder first so a kill never leaves half of one."""
+    target = out / f"checkpoint-{step:06d}"
+    scratch = out / f".writing-checkpoint-{step:06d}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    loaded.net.save_pretrained(scratch)
+    loaded.processor.save_pretrained(scratch)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, scratch / "optimizer.pt")
+    (scratch / "train_config.json").write_text(json.dumps(config, indent=1, default=str))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(scratch, target)
+    return target
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(out.glob("checkpoint-*")) if out.exists() else []
+    return found[-1] if found else None

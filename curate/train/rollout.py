@@ -1,0 +1,159 @@
+"""Multi-turn rollouts with the python tool, kept as token ids.
+
+A rollout is the prompt's ids followed by turns: the policy generates until `</tool_call>` or the end of
+its turn; a call runs in the sandbox (one interpreter state per trajectory: earlier cells are replayed,
+the input images preloaded as `image_1, ...`, as the filters run them) and its output comes back in a
+user turn. The policy's tokens are kept exactly as sampled and marked in `policy_mask`; observation and
+template tokens are appended as ids and masked, so nothing is ever re-tokenised. A rollout ends when a
+turn makes no call, after `max_turns` calls and one more turn to answer, or at `max_tokens`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from curate.formats import MalformedRow
+from curate.formats.inline import parse_calls
+from curate.generation.hf import LoadedModel
+from curate.sample import Message, Sample, TextPart
+from curate.sandbox import Sandbox
+from curate.sandbox.trajectory import sandbox_job
+from curate.train.chat import ChatEncoder, observation, prompt_turns
+
+STOP = "</tool_call>"
+_SENTINEL = "\ue000"  # a private-use character no template or tokenizer gives meaning to
+
+
+@dataclass
+class Rollout:
+    prompt: Sample
+    ids: list[int]
+    policy_mask: list[int]
+    vision: dict[str, torch.Tensor]
+    files: dict[str, bytes]
+    preload: list[str]
+    cells: list[str] = field(default_factory=list)
+    turns: list[str] = field(default_factory=list)  # the policy's text, turn by turn
+    tool_calls: int = 0  # T: every call made, invalid ones included
+    done: bool = False
+
+    @property
+    def final_text(self) -> str:
+        return self.turns[-1] if self.turns else ""
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 10  # tool calls per rollout (Metis: 10)
+    max_new_tokens: int = 512  # per turn
+    max_tokens: int = 4096  # whole rollout
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+class RolloutEngine:
+    def __init__(self, loaded: LoadedModel, sandbox: Sandbox, config: RolloutConfig) -> None:
+        self.loaded, self.sandbox, self.config = loaded, sandbox, config
+        self.encoder = ChatEncoder(loaded.processor, loaded.vision)
+        self.tokenizer = loaded.tokenizer
+        self._turn_end = self._turn_end_text()
+
+    def start(self, sample: Sample) -> Rollout:
+        turns = prompt_turns(sample)
+        ids, vision = self.encoder.ids(turns, sample.images, generation_prompt=True)
+        _, files, preload = sandbox_job(Sample(sample.id, sample.source, turns, sample.images))
+        return Rollout(sample, ids, [0] * len(ids), vision, files, preload)
+
+    def run(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """Generate turn after turn until every rollout is done."""
+        while active := [r for r in rollouts if not r.done]:
+            groups = [[r] for r in active] if self.loaded.vision else [active]  # pixel inputs do not batch
+            for group in groups:
+                for rollout, new in zip(group, self._generate(group), strict=True):
+                    self._advance(rollout, new)
+        return rollouts
+
+    @torch.inference_mode()
+    def _generate(self, rollouts: list[Rollout]) -> list[list[int]]:
+        """One turn's new tokens per rollout: up to `</tool_call>`, or up to and including the end of turn."""
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r.ids) for r in rollouts)
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rollouts], device=self.loaded.device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rollouts], device=self.loaded.device)
+        vision = {k: v.to(self.loaded.device) for k, v in rollouts[0].vision.items()} if self.loaded.vision else {}
+        output = self.loaded.net.generate(
+            input_ids=ids, attention_mask=mask, **vision, do_sample=True, temperature=self.config.temperature,
+            top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens, stop_strings=[STOP],
+            tokenizer=self.tokenizer, pad_token_id=pad)
+        new_tokens = []
+        for row in output[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in (self.tokenizer.eos_token_id, pad)), len(row))
+            # A row stopped at the call is padded after it (the pad may be the end-of-turn token): keep no pad.
+            called = STOP in self.tokenizer.decode(row[:end])
+            new_tokens.append(row[:end] if called or end == len(row) else row[: end + 1])
+        return new_tokens
+
+    def _advance(self, rollout: Rollout, new: list[int]) -> None:
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        rollout.ids += new
+        rollout.policy_mask += [1] * len(new)
+        rollout.turns.append(text)
+        calls_left = rollout.tool_calls < self.config.max_turns
+        if STOP not in text or not calls_left or len(rollout.ids) >= self.config.max_tokens:
+            rollout.done = True
+            return
+        rollout.tool_calls += 1
+        suffix = self._suffix_ids(self._tool_output(rollout, text))
+        rollout.ids += suffix
+        rollout.policy_mask += [0] * len(suffix)
+        rollout.done = len(rollout.ids) >= self.config.max_tokens
+
+    def _tool_output(self, rollout: Rollout, text: str) -> str:
+        """What the tool answers to the turn's call: the python cell's output, or why it could not run."""
+        try:
+            _, calls = parse_calls(text[text.rfind("<tool_call>"):])
+        except MalformedRow as error:
+            calls, problem = [], str(error)
+        else:
+            problem = "not a python call with code"
+        if not calls or calls[-1].code is None:
+            return f"Error: {problem}; write <tool_call>{{\"name\": \"python\", \"arguments\": {{\"code\": \"...\"}}}}</tool_call>"
+        rollout.cells.append(calls[-1].code)
+        result = self.sandbox.run(rollout.cells, rollout.files, rollout.preload)
+        if len(result.cells) < len(rollout.cells):
+            rollout.cells.pop()
+            return f"Error: {result.status}: {result.detail}"
+        cell = result.cells[-1]
+        if cell.error:
+            rollout.cells.pop()  # a failing cell leaves no state behind for the next call
+            return f"{cell.stdout}Error: {cell.error}"
+        return cell.stdout or "(no output)"
+
+    def _turn_end_text(self) -> str:
+        """What the template writes after an assistant turn's text (e.g. `<|im_end|>\\n`)."""
+        chat = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
+        text = self.encoder.text(chat, [], generation_prompt=False)
+        return text[text.index(_SENTINEL) + 1:]
+
+    def _suffix_ids(self, output: str) -> list[int]:
+        """Ids that close the policy's turn, carry the tool output as a user turn and open the next turn."""
+        chat: list[Message] = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
+        before = self.encoder.text(chat, [], generation_prompt=False)
+        after = self.encoder.text([*chat, observation([TextPart(output)])], [], generation_prompt=True)
+        return self.tokenizer(self._turn_end + after[len(before):], add_special_tokens=False).input_ids
+
+
+def padded(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
+    """Right-padded ids, attention mask and policy mask of rollouts, for the loss."""
+    width = max(len(r.ids) for r in rollouts)
+    ids = torch.full((len(rollouts), width), pad_id)
+    attention = torch.zeros(len(rollouts), width, dtype=torch.long)
+    policy = torch.zeros(len(rollouts), width)
+    for row, rollout in enumerate(rollouts):
+        ids[row, : len(rollout.ids)] = torch.tensor(rollout.ids)
+        attention[row, : len(rollout.ids)] = 1
+        policy[row, : len(rollout.ids)] = torch.tensor(rollout.policy_mask, dtype=torch.float)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": policy}

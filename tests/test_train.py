@@ -1,0 +1,108 @@
+"""The trainer on real models: loss masks on real tokenised trajectories, rollouts with the sandboxed python
+tool, and `curate train sft|hdpo|plot` end to end on the bundled sample's curated shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from toy_policy import build_toy_policy, hashed, toy_prompt, toy_trajectory
+
+from curate.executor import LocalExecutor
+from curate.formats import get_format
+from curate.generation.hf import load_model
+from curate.recipe import load_recipe
+from curate.sandbox import Sandbox, SandboxOptions
+from curate.train.chat import ChatEncoder, policy_turns
+from curate.train.hdpo import format_ok
+from curate.train.rollout import RolloutConfig, RolloutEngine
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2-135m", "cpu", "float32")
+
+
+def test_sft_mask_covers_assistant_tokens_only_on_a_real_trajectory(smol) -> None:
+    sample = toy_trajectory("t", "hash", 42)
+    encoded = ChatEncoder(smol.processor, smol.vision).encode(policy_turns(sample), sample.images)
+    ids, mask = encoded.input_ids, encoded.loss_mask.bool()
+    trained, masked = smol.tokenizer.decode(ids[mask]), smol.tokenizer.decode(ids[~mask])
+    assert '<tool_call>{"name": "python", "arguments": {"code": "print(42*37%97)"}}</tool_call>' in trained
+    assert f"<answer>{hashed(42)}</answer>" in trained and trained.count("<|im_end|>") == 2  # each turn learns to end
+    assert "hash 42" in masked and f"<tool_response>\n{hashed(42)}\n</tool_response>" in masked  # question, observation
+    assert "<tool_response>" not in trained and "hash 42" not in trained
+    assert smol.tokenizer.decode(ids) == ChatEncoder(smol.processor, False).text(policy_turns(sample), [], False)
+
+
+def test_rollout_masks_observations_and_runs_the_code_in_the_sandbox(tmp_path: Path) -> None:
+    loaded = load_model(str(build_toy_policy(tmp_path / "toy")), "cpu", "float32")
+    prompt = toy_prompt("p", "hash", 42)
+    with Sandbox(SandboxOptions(timeout=5, cpu_seconds=5)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=2, max_new_tokens=8, max_tokens=200))
+        rollout = engine.start(prompt)
+        code_turn = '<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>'
+        engine._advance(rollout, loaded.tokenizer(code_turn, add_special_tokens=False).input_ids)
+        assert rollout.tool_calls == 1 and not rollout.done and rollout.cells == ["print(6*7)"]
+        policy = torch.tensor(rollout.policy_mask).bool()
+        ids = torch.tensor(rollout.ids)
+        assert loaded.tokenizer.decode(ids[policy]) == code_turn
+        observed = loaded.tokenizer.decode(ids[~policy])
+        assert "<tool_response>\n42\n</tool_response>" in observed and observed.endswith("<|im_start|>assistant\n")
+        engine._advance(rollout, loaded.tokenizer('{"broken": <tool_call>x</tool_call>', add_special_tokens=False).input_ids)
+        assert rollout.tool_calls == 2 and "Error: <tool_call> is not valid JSON" in loaded.tokenizer.decode(rollout.ids)
+        finished = engine.run([engine.start(prompt) for _ in range(3)])  # sampled turns until every rollout ends
+    assert all(r.done and r.policy_mask[-1] == 1 for r in finished)
+
+
+@pytest.mark.parametrize(("turns", "ok"), [
+    (["<reason>x</reason><answer>4</answer>"], True),
+    (["<reason>x</reason><tool_call>{}</tool_call>", "<reason>y</reason><answer>4</answer>"], True),
+    (["<answer>4</answer><reason>late</reason>"], False),
+    (["<reason>x<answer>4</answer>"], False),
+    (["<tool_call>{}", "<answer>4</answer>"], False),
+    (["no answer"], False),
+])
+def test_format_reward(turns: list[str], ok: bool) -> None:
+    assert format_ok(turns) is ok
+
+
+def curate_cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_cache: Path) -> None:
+    """`curate run` the RL recipe, SFT a few steps on SFT shards, then HDPO 2 steps from that checkpoint."""
+    rl_run = tmp_path / "rl"
+    LocalExecutor(load_recipe(REPO / "recipes" / "metis_rl.yaml", profile="local"), rl_run, cache_path=probe_cache,
+                  progress=False).run()
+    sft_shard = tmp_path / "sft.parquet"
+    get_format("messages").write([toy_trajectory(f"t{i}", "hash", 10 + i) for i in range(4)], sft_shard)
+    curate_cli("train", "sft", str(sft_shard), "--model", "smollm2-135m", "-o", str(tmp_path / "sft"),
+               "--batch-size", "2", "--max-tokens", "256")
+    sft_checkpoint = tmp_path / "sft" / "checkpoint-000002"
+    assert (sft_checkpoint / "model.safetensors").exists() and (sft_checkpoint / "optimizer.pt").exists()
+
+    out = tmp_path / "hdpo"
+    args = ["train", "hdpo", str(rl_run), "--model", str(sft_checkpoint), "-o", str(out), "--prompts", "2",
+            "-G", "2", "--max-new-tokens", "24", "--max-turns", "1"]
+    curate_cli(*args, "--steps", "1")
+    curate_cli(*args, "--steps", "2")  # resumes from checkpoint-000001 with its optimizer state
+    log = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    for key in ("accuracy", "tool_call_rate", "mean_tool_calls", "qualifying_ratio", "loss_acc", "loss_tool",
+                "clip_frac_acc", "clip_frac_tool", "seconds"):
+        assert all(key in entry for entry in log), key
+    checkpoint = out / "checkpoint-000002"
+    assert torch.load(checkpoint / "optimizer.pt")["step"] == 2
+    reloaded = load_model(str(checkpoint), "cpu", "float32")
+    assert reloaded.net.config.model_type == "llama"
+    png = Path(curate_cli("train", "plot", str(out)).stdout.strip())
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
