@@ -163,18 +163,40 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Tokens per turn.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--updates-per-step", type=int, default=1, show_default=True, help="Minibatches per step.")
+@click.option("--judge-backend", type=click.Choice(["gemini", "openai", "transformers"]),
+              help="An LLM judge (CORRECT / INCORRECT) for answers the verification rules cannot decide.")
+@click.option("--judge-model", help="The judge's model (with --judge-backend).")
+@click.option("--judge-base-url", help="The judge server's base URL (openai, or a Gemini proxy).")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
+              help="SQLite cache of judge verdicts, shared with `curate run`.")
 def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
                        save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
                        w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, temperature: float,
-                       updates_per_step: int) -> None:
+                       updates_per_step: int, judge_backend: str | None, judge_model: str | None,
+                       judge_base_url: str | None, cache_path: Path) -> None:
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
     from curate.train.hdpo import HDPOConfig, train_hdpo
+
+    judge = None
+    if judge_backend:
+        if not judge_model:
+            raise UserError("--judge-backend needs --judge-model")
+        import importlib
+
+        # The CLI composes the parts: the trainer knows only the judge's call signature, not `judges/`.
+        verifier = importlib.import_module("judges.verifier").JudgeVerifier
+        judge = verifier(cache_path, backend=judge_backend, model=judge_model,
+                         backend_options={"base_url": judge_base_url} if judge_base_url else {})
 
     config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
                         alpha, lr or 1e-6, updates_per_step=updates_per_step, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, temperature=temperature, save_every=save_every, seed=seed,
                         device=device)
-    click.echo(f"checkpoint: {train_hdpo(config)}")
+    try:
+        click.echo(f"checkpoint: {train_hdpo(config, judge)}")
+    finally:
+        if judge is not None:
+            judge.close()
 
 
 @train.command("plot")

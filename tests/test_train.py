@@ -17,6 +17,7 @@ from curate.executor import LocalExecutor
 from curate.formats import get_format
 from curate.generation.hf import load_model
 from curate.recipe import load_recipe
+from curate.sample import Message, Sample, TextPart
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.chat import ChatEncoder, policy_turns
 from curate.train.hdpo import format_ok
@@ -106,3 +107,22 @@ def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_ca
     assert reloaded.net.config.model_type == "llama"
     png = Path(curate_cli("train", "plot", str(out)).stdout.strip())
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hdpo_asks_an_llm_judge_for_answers_the_rules_cannot_decide(tmp_path: Path) -> None:
+    """`--judge-backend openai`: free-text answers go to a judge server saying CORRECT; the reward follows it."""
+    from servers import ChatServer
+
+    model = build_toy_policy(tmp_path / "toy")
+    prompts = tmp_path / "rl.parquet"
+    get_format("verl").write([Sample(f"p{i}", "toy", [Message("user", [TextPart("Which tower?")])], [], "Eiffel Tower")
+                              for i in range(2)], prompts)
+    with ChatServer(answer=lambda body, index: json.dumps({"verdict": "CORRECT"})) as judge:
+        curate_cli("train", "hdpo", str(prompts), "--model", str(model), "-o", str(tmp_path / "out"), "--steps", "1",
+                   "--prompts", "2", "-G", "2", "--max-new-tokens", "8", "--max-turns", "1", "--judge-backend",
+                   "openai", "--judge-model", "judge", "--judge-base-url", judge.base_url, "--cache",
+                   str(tmp_path / "c.sqlite"))
+        asked = len(judge.requests)
+    (log,) = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
+    assert asked >= 1 and "Eiffel Tower" in json.dumps(judge.requests[0])
+    assert log["accuracy"] > 0  # random text never equals "Eiffel Tower": only the judge can have made it correct

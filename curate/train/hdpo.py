@@ -37,7 +37,7 @@ from curate.train.data import load_samples
 from curate.train.loss import hdpo_loss
 from curate.train.rollout import Rollout, RolloutConfig, RolloutEngine, padded
 from curate.train.sft import token_logprobs
-from curate.verify import AnswerVerifier
+from curate.verify import AnswerVerifier, Judge
 
 
 @dataclass
@@ -139,7 +139,9 @@ def hdpo_step(loaded: LoadedModel, engine: RolloutEngine, optimizer: torch.optim
             "seconds": time.perf_counter() - started}
 
 
-def train_hdpo(config: HDPOConfig) -> Path:
+def train_hdpo(config: HDPOConfig, judge: Judge | None = None) -> Path:
+    """Train; `judge` (e.g. `judges.verifier.JudgeVerifier`, CORRECT / INCORRECT as Metis's reward asks an LLM)
+    decides the answers the verification rules cannot."""
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     start = latest_checkpoint(config.out) if config.resume else None
@@ -154,7 +156,7 @@ def train_hdpo(config: HDPOConfig) -> Path:
     sandbox = Sandbox(SandboxOptions(timeout=config.sandbox_timeout, cpu_seconds=int(config.sandbox_timeout)))
     engine = RolloutEngine(loaded, sandbox, RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens,
                                                           config.temperature))
-    verify = AnswerVerifier()
+    verify = AnswerVerifier(judge=judge)
     config.out.mkdir(parents=True, exist_ok=True)
     try:
         with tqdm(total=config.steps, initial=step, desc=f"{config.algo}", unit="step") as bar:
