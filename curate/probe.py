@@ -36,7 +36,7 @@ class ProbeOptions(StageOptions):
 
 
 class ProbeStage(Stage):
-    """Loads the model once, in the driver process; declares a GPU for vLLM and network I/O for a server."""
+    """Loads the model once, in the driver process (`heavy`); declares a GPU for vLLM and network I/O for a server."""
 
     Options = ProbeOptions
     batch_size = 64
@@ -45,10 +45,7 @@ class ProbeStage(Stage):
     def resources(self) -> Resources:  # type: ignore[override]
         backend = self.options.backend
         gpus = self.options.backend_options.get("tensor_parallel_size", 1) if backend == "vllm" else 0
-        return Resources(gpus=float(gpus), io=backend == "openai")
-
-    def runs_in_workers(self) -> bool:
-        return False  # one model per run, not one per worker process
+        return Resources(gpus=float(gpus), io=backend == "openai", heavy=True)
 
     def setup(self, context: StageContext) -> None:
         options = self.options

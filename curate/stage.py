@@ -23,13 +23,14 @@ class Resources:
     """What one instance of a stage needs.
 
     CPU-only stages are fanned out over the executor's worker processes.
-    A stage with `gpus > 0` or `io=True` runs as one instance in the driver:
-    a GPU model is loaded once, and network stages keep their own concurrency.
+    A stage with `gpus > 0`, `io=True` or `heavy=True` runs as one instance in the driver:
+    a model (on GPU or CPU) is loaded once, and network stages keep their own concurrency.
     """
 
     cpus: float = 1.0
     gpus: float = 0.0
     io: bool = False
+    heavy: bool = False  # state too costly to hold once per worker process (a model on the CPU)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,8 @@ class Stage:
 
     def runs_in_workers(self) -> bool:
         """Whether the executor may fan this stage out over worker processes."""
-        return not self.stateful and self.resources.gpus == 0 and not self.resources.io
+        resources = self.resources
+        return not (self.stateful or resources.gpus or resources.io or resources.heavy)
 
 
 def as_verdict(result: bool | Verdict, stage_name: str) -> Verdict:

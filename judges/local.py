@@ -25,7 +25,7 @@ from annotated_types import Ge, Le
 from pydantic.fields import FieldInfo
 
 from curate.generation import Prompt, render_chat
-from curate.generation.hf import TransformersGenerator
+from curate.generation.hf import load_model
 from curate.sample import Message, TextPart
 from judges.backend import JudgeReply, JudgeRequest
 
@@ -41,8 +41,8 @@ class LocalJudge:
         self.string_tokens = string_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.settings = {"string_tokens": string_tokens, "max_prompt_tokens": max_prompt_tokens}
-        generator = TransformersGenerator(model, device=device)
-        self.net, self.tokenizer, self.device = generator.net, generator.tokenizer, generator.device
+        loaded = load_model(model, device)
+        self.net, self.tokenizer, self.device = loaded.net.eval(), loaded.tokenizer, loaded.device
         self._lock = threading.Lock()  # one batch at a time on the one model
         self._rubric: tuple[str, _Decoder] | None = None  # the last rubric and a decoder that has read it
         self._waiting: list[tuple[JudgeRequest, asyncio.Future[JudgeReply]]] = []

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from typing import Any
 
 import requests
 
-from curate.generation.openai import retry_after_seconds
+from curate.generation.openai import chat_endpoint, retry_after_seconds
 from judges.backend import JudgeReply, JudgeRequest, RetryableError, json_schema
 
 
@@ -25,13 +24,9 @@ class OpenAIJudge:
     def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0) -> None:
         self.model = model
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url, self._session, _ = chat_endpoint(base_url, api_key_env)
         self.timeout = timeout
         self.structured = True  # until the server says it cannot do json_schema
-        self._session = requests.Session()
-        key = os.environ.get(api_key_env, "")
-        if key:
-            self._session.headers["Authorization"] = f"Bearer {key}"
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(model={self.model!r}, url={self.url!r})"

@@ -106,10 +106,8 @@ class JudgeStage(Stage):
 
     @property
     def resources(self) -> Resources:  # type: ignore[override]
-        return Resources(io=self.options.backend != "transformers")
-
-    def runs_in_workers(self) -> bool:
-        return False  # one client (or local model) per run, with its own concurrency
+        # One client (or local model) per run, with its own concurrency.
+        return Resources(io=self.options.backend != "transformers", heavy=True)
 
     def setup(self, context: StageContext) -> None:
         options = self.options
@@ -146,8 +144,8 @@ class JudgeStage(Stage):
             return reject("judge_error", outcome.message)
         scores = outcome.model_dump()
         sample.meta[self.name] = {**about, **scores}
-        low = [(dim, scores[dim], self.options.min_scores.get(dim, 3)) for dim in self.reasons
-               if scores[dim] < self.options.min_scores.get(dim, 3)]
+        thresholds = {dim: self.options.min_scores.get(dim, 3) for dim in self.reasons}
+        low = [(dim, scores[dim], threshold) for dim, threshold in thresholds.items() if scores[dim] < threshold]
         if not low:
             return KEEP
         summary = ", ".join(f"{dim} {score} < {threshold}" for dim, score, threshold in low)

@@ -12,6 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
+from curate.sample import Sample
+from curate.stage import Stage, StageContext, Verdict
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -90,3 +93,12 @@ def assert_accounting(run_dir: Path) -> dict[str, Any]:
     assert kept == manifest["kept_rows"] and rejected == manifest["rejected_rows"]
     assert sum(stage["rejected"] for stage in manifest["stages"]) == rejected
     return manifest
+
+
+def processed(stage: Stage, batch: list[Sample], cache: Path) -> list[Verdict]:
+    """The stage's verdicts on one batch, set up with `cache` (scratch beside it) and torn down after."""
+    stage.setup(StageContext(cache, cache.parent))
+    try:
+        return stage.process(batch)
+    finally:
+        stage.teardown()

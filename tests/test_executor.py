@@ -151,3 +151,20 @@ def test_driver_stage_prepares_in_the_workers(tmp_path: Path, messages_file: Pat
     funnel = {s["name"]: s for s in manifest["stages"]}
     assert funnel["prepared_in_workers"]["rejected"] == 0
     assert funnel["prepared_in_workers"]["in"] == funnel["hash_bucket"]["kept"]
+
+
+@pytest.mark.parametrize("options", [
+    {},  # the CPU model: neither GPU nor network, but heavy, so loaded once, in the driver
+    {"backend": "openai"},
+    {"backend": "vllm", "backend_options": {"tensor_parallel_size": 2}},
+])
+def test_model_stages_run_once_in_the_driver(options: dict) -> None:
+    from filters.base_model_solvable import BaseModelSolvable
+    from judges.strategic_tool import StrategicToolJudge
+
+    probe = BaseModelSolvable(BaseModelSolvable.Options(**options))
+    assert not probe.runs_in_workers() and probe.resources.heavy
+    assert probe.resources.gpus == (2 if options.get("backend") == "vllm" else 0)
+    assert probe.resources.io == (options.get("backend") == "openai")
+    assert not StrategicToolJudge(StrategicToolJudge.Options(backend="transformers")).runs_in_workers()
+    assert HashBucket().runs_in_workers()  # a plain CPU stage still fans out

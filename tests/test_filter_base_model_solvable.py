@@ -6,11 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import png_bytes
+from conftest import png_bytes, processed
 from servers import ChatServer, last_user_text
 
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
-from curate.stage import StageContext
 from filters.base_model_solvable import BaseModelSolvable
 
 EASY = "Repeat the word: lemon. Answer with the word only."  # SmolLM2-135M copies it back, greedily
@@ -31,11 +30,7 @@ def trajectory(sample_id: str, question: str, answer: str | None, final: str = "
 
 def run(batch: list[Sample], cache: Path, **options: Any) -> tuple[BaseModelSolvable, list]:
     stage = BaseModelSolvable(BaseModelSolvable.Options(**options))
-    stage.setup(StageContext(cache, cache.parent))
-    try:
-        return stage, stage.process(batch)
-    finally:
-        stage.teardown()
+    return stage, processed(stage, batch, cache)
 
 
 def test_real_model_rejects_what_it_always_solves_and_keeps_the_hard_one(tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import png_bytes
+from conftest import png_bytes, processed
 from servers import ChatServer, last_user_text
 
 from curate.formats import get_format, records
 from curate.sample import Image, ImagePart, Message, Sample, TextPart
-from curate.stage import StageContext, Verdict
+from curate.stage import Verdict
 from filters.pass_rate_variance import PassRateVariance
 
 
@@ -24,12 +24,7 @@ def prompt(sample_id: str, question: str, answer: str | None) -> Sample:
 
 
 def run(batch: list[Sample], tmp_path: Path, **options: Any) -> list[Verdict]:
-    stage = PassRateVariance(PassRateVariance.Options(**options))
-    stage.setup(StageContext(tmp_path / "c.sqlite", tmp_path))
-    try:
-        return stage.process(batch)
-    finally:
-        stage.teardown()
+    return processed(PassRateVariance(PassRateVariance.Options(**options)), batch, tmp_path / "c.sqlite")
 
 
 def m_of_g_correct(body: dict[str, Any], index: int) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, png_bytes
+from conftest import REPO, assert_accounting, png_bytes, processed
 from gemini_server import GeminiServer, request_images, request_text, system_text
 from servers import ChatServer
 
@@ -22,7 +22,6 @@ from curate.executor import LocalExecutor
 from curate.formats import get_format
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
-from curate.stage import StageContext
 from curate.verify import AnswerVerifier
 from judges.ambiguity import AmbiguityJudge
 from judges.limits import BudgetExhausted, RateLimiter
@@ -58,19 +57,15 @@ def pointless_if_hello(body: dict[str, Any]) -> str:
 
 def judge(stage_class: type, batch: list[Sample], cache: Path, **options: Any) -> tuple[Any, list]:
     stage = stage_class(stage_class.Options(**{"backoff": 0.01, **options}))
-    stage.setup(StageContext(cache, cache.parent))
-    try:
-        return stage, stage.process(batch)
-    finally:
-        stage.teardown()
+    return stage, processed(stage, batch, cache)
 
 
 def test_strategic_judge_applies_scores_and_sends_rubric_schema_and_images(tmp_path: Path) -> None:
     no_tools = Sample("plain", "test", [Message("user", [TextPart("Hi?")]), Message("assistant", [TextPart("Hello")])])
     batch = [trajectory("good", "print(image_1.crop((0, 0, 8, 8)).size)"), trajectory("pointless", "print('hello')"), no_tools]
     with GeminiServer(answer=pointless_if_hello) as server:
-        stage, verdicts = judge(StrategicToolJudge, batch, tmp_path / "c.sqlite", model="gemini-test",
-                                backend_options={"base_url": server.base_url})
+        _, verdicts = judge(StrategicToolJudge, batch, tmp_path / "c.sqlite", model="gemini-test",
+                            backend_options={"base_url": server.base_url})
         requests = server.requests
     assert [(v.keep, v.reason) for v in verdicts] == [(True, ""), (False, "not_strategic"), (True, "")]
     assert verdicts[1].detail == "tool_rationale 1 < 3: The call prints a constant."
@@ -195,7 +190,7 @@ def test_rate_limiter_spaces_requests_and_tokens() -> None:
         return out
 
     by_requests = asyncio.run(times(RateLimiter(requests_per_minute=2, window=0.4), [1, 1, 1]))
-    assert by_requests[1] < 0.2 <= 0.35 <= by_requests[2]
+    assert by_requests[1] < 0.2 and by_requests[2] >= 0.35  # the third waits for the window
     by_tokens = asyncio.run(times(RateLimiter(tokens_per_minute=100, window=0.4), [60, 30, 20]))
     assert by_tokens[1] < 0.2 and by_tokens[2] >= 0.35  # 60 + 30 + 20 > 100: the third waits for the window
 
@@ -253,11 +248,12 @@ def test_cli_missing_key_fails_before_work_and_the_key_never_reaches_disk(tmp_pa
         env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
         command = [sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "run"), "--no-progress",
                    "--cache", str(tmp_path / "c.sqlite")]
-        missing = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+        missing = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
         assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
         assert "GEMINI_API_KEY" in missing.stderr and "GOOGLE_API_KEY" in missing.stderr and "--local" in missing.stderr
         assert not server.requests and not list((tmp_path / "run").rglob("*.parquet"))
-        ran = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**env, "GEMINI_API_KEY": KEY})
+        ran = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**env, "GEMINI_API_KEY": KEY},
+                             check=False)
         assert ran.returncode == 0, ran.stderr
         assert all(r["headers"].get("x-goog-api-key") == KEY for r in server.requests)
     written = [p for p in [*(tmp_path / "run").rglob("*"), *tmp_path.glob("c.sqlite*")] if p.is_file()]

@@ -24,6 +24,17 @@ from requests.adapters import HTTPAdapter
 from curate.generation import Prompt, SamplingParams
 
 
+def chat_endpoint(base_url: str, api_key_env: str, pool_size: int = 10) -> tuple[str, requests.Session, str]:
+    """(chat-completions URL, a session sending the key from `api_key_env` when it is set, the key)."""
+    key = os.environ.get(api_key_env, "")
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, HTTPAdapter(pool_maxsize=pool_size))
+    if key:
+        session.headers["Authorization"] = f"Bearer {key}"
+    return base_url.rstrip("/") + "/chat/completions", session, key
+
+
 class OpenAIGenerator:
     """n completions per prompt from an OpenAI-compatible chat-completions server."""
 
@@ -33,7 +44,7 @@ class OpenAIGenerator:
                  concurrency: int = 8, max_retries: int = 5, timeout: float = 120.0, backoff: float = 1.0,
                  send_images: bool = True) -> None:
         self.model = model
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url, self._session, self._key = chat_endpoint(base_url, api_key_env, pool_size=concurrency)
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.timeout = timeout
@@ -42,12 +53,6 @@ class OpenAIGenerator:
         self.calls = 0  # prompts sent, once each whatever the retries
         self.requests = 0  # HTTP requests made, retries included
         self._lock = threading.Lock()
-        self._key = os.environ.get(api_key_env, "")
-        self._session = requests.Session()
-        for scheme in ("http://", "https://"):
-            self._session.mount(scheme, HTTPAdapter(pool_maxsize=concurrency))
-        if self._key:
-            self._session.headers["Authorization"] = f"Bearer {self._key}"
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(model={self.model!r}, url={self.url!r})"

@@ -20,7 +20,7 @@ import torch
 from curate.formats.inline import render_tool_call_json
 from curate.generation import Prompt as ChatPrompt
 from curate.generation import pil_images
-from curate.sample import Image, ImagePart, Message, Part, Sample, TextPart
+from curate.sample import Image, Message, Part, Sample, TextPart
 
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 
@@ -104,6 +104,3 @@ def prompt_turns(sample: Sample) -> list[Message]:
         turns.append(Message(message.role, list(message.content)))
     return turns
 
-
-def shown_image_count(turns: list[Message]) -> int:
-    return sum(isinstance(part, ImagePart) for turn in turns for part in turn.content)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from curate.generation.hf import LoadedModel
+from curate.generation.hf import LoadedModel, load_model
 
 
 def save_checkpoint(out: Path, step: int, loaded: LoadedModel, optimizer: torch.optim.Optimizer,
@@ -27,6 +27,20 @@ def save_checkpoint(out: Path, step: int, loaded: LoadedModel, optimizer: torch.
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)
     return target
+
+
+def start_or_resume(out: Path, model: str, device: str, lr: float,
+                    resume: bool) -> tuple[LoadedModel, torch.optim.Optimizer, int]:
+    """(model, AdamW, steps done): from the latest checkpoint in `out` with its optimizer state when
+    `resume` finds one, else `model` fresh at step 0."""
+    start = latest_checkpoint(out) if resume else None
+    loaded = load_model(str(start or model), device, "float32")
+    optimizer = torch.optim.AdamW(loaded.net.parameters(), lr=lr)
+    if start is None:
+        return loaded, optimizer, 0
+    state = torch.load(start / "optimizer.pt")
+    optimizer.load_state_dict(state["optimizer"])
+    return loaded, optimizer, state["step"]
 
 
 def latest_checkpoint(out: Path) -> Path | None:

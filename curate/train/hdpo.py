@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from curate.generation.hf import LoadedModel, load_model
+from curate.generation.hf import LoadedModel
 from curate.sample import Sample
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.advantages import (
@@ -32,7 +32,7 @@ from curate.train.advantages import (
     tool_advantages,
     tool_rewards,
 )
-from curate.train.checkpoint import latest_checkpoint, save_checkpoint
+from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
 from curate.train.loss import hdpo_loss
 from curate.train.rollout import Rollout, RolloutConfig, RolloutEngine, padded
@@ -144,14 +144,7 @@ def train_hdpo(config: HDPOConfig, judge: Judge | None = None) -> Path:
     decides the answers the verification rules cannot."""
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    start = latest_checkpoint(config.out) if config.resume else None
-    loaded = load_model(str(start or config.model), config.device, "float32")
-    optimizer = torch.optim.AdamW(loaded.net.parameters(), lr=config.lr)
-    step = 0
-    if start is not None:
-        state = torch.load(start / "optimizer.pt")
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
     prompts = [s for s in load_samples(config.shards) if s.answer not in (None, "", [])]
     sandbox = Sandbox(SandboxOptions(timeout=config.sandbox_timeout, cpu_seconds=int(config.sandbox_timeout)))
     engine = RolloutEngine(loaded, sandbox, RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens,

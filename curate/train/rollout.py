@@ -11,7 +11,6 @@ turn makes no call, after `max_turns` calls and one more turn to answer, or at `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -22,6 +21,7 @@ from curate.sample import Message, Sample, TextPart
 from curate.sandbox import Sandbox
 from curate.sandbox.trajectory import sandbox_job
 from curate.train.chat import ChatEncoder, observation, prompt_turns
+from curate.train.sft import right_padded
 
 STOP = "</tool_call>"
 _SENTINEL = "\ue000"  # a private-use character no template or tokenizer gives meaning to
@@ -59,7 +59,11 @@ class RolloutEngine:
         self.loaded, self.sandbox, self.config = loaded, sandbox, config
         self.encoder = ChatEncoder(loaded.processor, loaded.vision)
         self.tokenizer = loaded.tokenizer
-        self._turn_end = self._turn_end_text()
+        # A minimal chat ending in an assistant turn: what the template writes after it closes the
+        # policy's turn, and rendering an observation after it shows how the template writes a user turn.
+        self._context = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
+        self._context_text = self.encoder.text(self._context, [], generation_prompt=False)
+        self._turn_end = self._context_text[self._context_text.index(_SENTINEL) + 1:]  # e.g. `<|im_end|>\n`
 
     def start(self, sample: Sample) -> Rollout:
         turns = prompt_turns(sample)
@@ -132,28 +136,12 @@ class RolloutEngine:
             return f"{cell.stdout}Error: {cell.error}"
         return cell.stdout or "(no output)"
 
-    def _turn_end_text(self) -> str:
-        """What the template writes after an assistant turn's text (e.g. `<|im_end|>\\n`)."""
-        chat = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
-        text = self.encoder.text(chat, [], generation_prompt=False)
-        return text[text.index(_SENTINEL) + 1:]
-
     def _suffix_ids(self, output: str) -> list[int]:
         """Ids that close the policy's turn, carry the tool output as a user turn and open the next turn."""
-        chat: list[Message] = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
-        before = self.encoder.text(chat, [], generation_prompt=False)
-        after = self.encoder.text([*chat, observation([TextPart(output)])], [], generation_prompt=True)
-        return self.tokenizer(self._turn_end + after[len(before):], add_special_tokens=False).input_ids
+        after = self.encoder.text([*self._context, observation([TextPart(output)])], [], generation_prompt=True)
+        return self.tokenizer(self._turn_end + after[len(self._context_text):], add_special_tokens=False).input_ids
 
 
-def padded(rollouts: list[Rollout], pad_id: int) -> dict[str, Any]:
-    """Right-padded ids, attention mask and policy mask of rollouts, for the loss."""
-    width = max(len(r.ids) for r in rollouts)
-    ids = torch.full((len(rollouts), width), pad_id)
-    attention = torch.zeros(len(rollouts), width, dtype=torch.long)
-    policy = torch.zeros(len(rollouts), width)
-    for row, rollout in enumerate(rollouts):
-        ids[row, : len(rollout.ids)] = torch.tensor(rollout.ids)
-        attention[row, : len(rollout.ids)] = 1
-        policy[row, : len(rollout.ids)] = torch.tensor(rollout.policy_mask, dtype=torch.float)
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": policy}
+def padded(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and policy mask (as the loss mask) of rollouts, for the loss."""
+    return right_padded([(r.ids, r.policy_mask) for r in rollouts], pad_id)

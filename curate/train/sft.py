@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from curate.generation.hf import LoadedModel, load_model
 from curate.sample import Sample
 from curate.train.chat import ChatEncoder, Encoded, policy_turns
-from curate.train.checkpoint import latest_checkpoint, save_checkpoint
+from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
 
 
@@ -49,20 +48,23 @@ def encode_examples(samples: list[Sample], encoder: ChatEncoder, max_tokens: int
     return examples
 
 
+def right_padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(ids, loss mask) pairs as a right-padded batch: input_ids, attention_mask, loss_mask."""
+    width = max(len(ids) for ids, _ in sequences)
+    ids = torch.full((len(sequences), width), pad_id)
+    attention = torch.zeros(len(sequences), width, dtype=torch.long)
+    loss = torch.zeros(len(sequences), width)
+    for row, (row_ids, row_mask) in enumerate(sequences):
+        ids[row, : len(row_ids)] = torch.as_tensor(row_ids)
+        attention[row, : len(row_ids)] = 1
+        loss[row, : len(row_mask)] = torch.as_tensor(row_mask, dtype=torch.float)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
 def batches(examples: list[Encoded], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded micro-batches: input_ids, attention_mask, loss_mask (and pixel inputs for one example)."""
-    out = []
-    for start in range(0, len(examples), size):
-        chunk = examples[start:start + size]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        attention, loss = torch.zeros(len(chunk), width, dtype=torch.long), torch.zeros(len(chunk), width)
-        for row, example in enumerate(chunk):
-            ids[row, : len(example.input_ids)] = example.input_ids
-            attention[row, : len(example.input_ids)] = 1
-            loss[row, : len(example.loss_mask)] = example.loss_mask
-        out.append({"input_ids": ids, "attention_mask": attention, "loss_mask": loss, **chunk[0].vision})
-    return out
+    """Right-padded micro-batches (with the pixel inputs of the first example: vision batches hold one)."""
+    return [{**right_padded([(e.input_ids, e.loss_mask) for e in examples[start:start + size]], pad_id),
+             **examples[start].vision} for start in range(0, len(examples), size)]
 
 
 def token_logprobs(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -80,17 +82,10 @@ def sft_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 def train_sft(config: SFTConfig) -> Path:
     torch.manual_seed(config.seed)
-    start = latest_checkpoint(config.out) if config.resume else None
-    loaded: LoadedModel = load_model(str(start or config.model), config.device, "float32")
+    loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
     net = loaded.net.train()
     encoder = ChatEncoder(loaded.processor, loaded.vision)
     examples = encode_examples(load_samples(config.shards), encoder, config.max_tokens)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr)
-    step = 0
-    if start is not None:
-        state = torch.load(start / "optimizer.pt")
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
     size = 1 if loaded.vision else config.batch_size
     total = config.epochs * -(-len(examples) // (size * config.grad_accum))
     log_file = config.out / "sft_log.jsonl"
