@@ -23,6 +23,10 @@ from curate.generation import pil_images
 from curate.sample import Image, Message, Part, Sample, TextPart
 
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
+# Per-token outputs of a processor, left out of `Encoded.vision`: the trainer pads, cuts and extends the ids,
+# so the modality of each token (`mm_token_type_ids`, which Qwen-VL's M-RoPE reads) is derived from the ids
+# where a batch is built (`ChatEncoder.token_types`) instead of being kept from the encoding.
+PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
 def policy_turns(sample: Sample) -> list[Message]:
@@ -52,7 +56,7 @@ def observation(content: list[Part]) -> Message:
 class Encoded:
     input_ids: torch.Tensor  # [tokens]
     loss_mask: torch.Tensor  # [tokens], 1 on assistant tokens
-    vision: dict[str, torch.Tensor]  # pixel inputs of a vision-language processor, else empty
+    vision: dict[str, torch.Tensor]  # pixel inputs of a vision-language processor (pixel_values, ...), else empty
 
 
 class ChatEncoder:
@@ -75,8 +79,17 @@ class ChatEncoder:
             return self.tokenizer(text, add_special_tokens=False).input_ids, {}
         shown = pil_images(ChatPrompt(tuple(turns), tuple(images)))
         encoded = self.processor(text=[text], images=shown or None, return_tensors="pt")
-        vision = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+        vision = {k: v for k, v in encoded.items() if k not in PER_TOKEN}
         return encoded["input_ids"][0].tolist(), vision
+
+    def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token inputs the model needs besides ids and attention mask, for a batch of ids [rows, tokens]:
+        `mm_token_type_ids` (text 0, image 1, video 2) for processors whose models read it (Qwen2-VL, Qwen2.5-VL,
+        Qwen3-VL), computed by the processor from the ids themselves; nothing for other models."""
+        if not self.vision or not getattr(self.processor, "return_mm_token_type_ids", False):
+            return {}
+        types = self.processor.create_mm_token_type_ids(input_ids.tolist())
+        return {"mm_token_type_ids": torch.tensor(types, dtype=torch.long, device=input_ids.device)}
 
     def encode(self, turns: list[Message], images: list[Image]) -> Encoded:
         """Ids of the whole conversation with a mask on the assistant turns' tokens."""

@@ -32,6 +32,7 @@ from curate.train.advantages import (
     tool_advantages,
     tool_rewards,
 )
+from curate.train.chat import ChatEncoder
 from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
 from curate.train.loss import hdpo_loss
@@ -96,6 +97,22 @@ def advantages(scores: dict[str, torch.Tensor], config: HDPOConfig) -> tuple[tor
     return grpo_advantages(r_acc), tool_advantages(r_tool), qualifying_ratio(r_tool)
 
 
+def rollout_logprobs(loaded: LoadedModel, rollouts: list[Rollout], batch: dict[str, torch.Tensor],
+                     temperature: float) -> torch.Tensor:
+    """`token_logprobs` of the rollouts' padded rows at their sampling temperature. A vision-language policy
+    reads each row with the pixel inputs it was sampled with, one row per forward (pixel inputs do not batch,
+    as in the rollouts)."""
+    if not loaded.vision:
+        return token_logprobs(loaded.net, batch, temperature)
+    encoder = ChatEncoder(loaded.processor, loaded.vision)
+    rows = []
+    for index, rollout in enumerate(rollouts):
+        row = {k: v[index:index + 1] for k, v in batch.items()}
+        vision = {k: v.to(loaded.device) for k, v in rollout.vision.items()}
+        rows.append(token_logprobs(loaded.net, {**row, **vision, **encoder.token_types(row["input_ids"])}, temperature))
+    return torch.cat(rows)
+
+
 def update(loaded: LoadedModel, optimizer: torch.optim.Optimizer, rollouts: list[Rollout], adv_acc: torch.Tensor,
            adv_tool: torch.Tensor, config: HDPOConfig) -> dict[str, float]:
     """Clipped-surrogate updates on the rollouts, split into `updates_per_step` minibatches."""
@@ -106,12 +123,12 @@ def update(loaded: LoadedModel, optimizer: torch.optim.Optimizer, rollouts: list
     old = None
     if config.updates_per_step > 1:
         with torch.no_grad():
-            old = token_logprobs(loaded.net, batch)
+            old = rollout_logprobs(loaded, rollouts, batch, config.temperature)
     sums: dict[str, float] = {}
     order = torch.randperm(len(rollouts)).chunk(config.updates_per_step)
     for rows in order:
         part = {k: v[rows] for k, v in batch.items()}
-        logprobs = token_logprobs(loaded.net, part)
+        logprobs = rollout_logprobs(loaded, [rollouts[row] for row in rows.tolist()], part, config.temperature)
         previous = logprobs.detach() if old is None else old[rows]
         losses = hdpo_loss(logprobs, previous, part["loss_mask"][:, 1:], adv_acc.flatten()[rows].to(device),
                            adv_tool.flatten()[rows].to(device), config.w_acc, w_tool, config.epsilon, config.dual_clip)

@@ -64,6 +64,11 @@ class RolloutEngine:
         self._context = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
         self._context_text = self.encoder.text(self._context, [], generation_prompt=False)
         self._turn_end = self._context_text[self._context_text.index(_SENTINEL) + 1:]  # e.g. `<|im_end|>\n`
+        # The ids a vision-language processor reserves for pixel features (`<|image_pad|>`, `<|video_pad|>`): a
+        # rollout that sampled one would hold more placeholders than features, which the model cannot read.
+        processor = loaded.processor if loaded.vision else None
+        self._placeholders = [i for name in ("image_token_ids", "video_token_ids")
+                              for i in getattr(processor, name, None) or [] if i is not None]
 
     def start(self, sample: Sample) -> Rollout:
         turns = prompt_turns(sample)
@@ -88,10 +93,11 @@ class RolloutEngine:
         ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rollouts], device=self.loaded.device)
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rollouts], device=self.loaded.device)
         vision = {k: v.to(self.loaded.device) for k, v in rollouts[0].vision.items()} if self.loaded.vision else {}
+        vision.update(self.encoder.token_types(ids))  # the ids grow with each turn: their token types follow
         output = self.loaded.net.generate(
             input_ids=ids, attention_mask=mask, **vision, do_sample=True, temperature=self.config.temperature,
             top_p=self.config.top_p, top_k=0, max_new_tokens=self.config.max_new_tokens, stop_strings=[STOP],
-            tokenizer=self.tokenizer, pad_token_id=pad)
+            tokenizer=self.tokenizer, pad_token_id=pad, suppress_tokens=self._placeholders or None)
         new_tokens = []
         for row in output[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in (self.tokenizer.eos_token_id, pad)), len(row))

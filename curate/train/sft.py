@@ -43,6 +43,9 @@ def encode_examples(samples: list[Sample], encoder: ChatEncoder, max_tokens: int
         encoded = encoder.encode(policy_turns(sample), sample.images)
         if encoded.loss_mask.sum() == 0:
             continue  # nothing to learn: no assistant turn
+        cut = encoder.token_types(encoded.input_ids[None, max_tokens:]).get("mm_token_type_ids")
+        if cut is not None and bool(cut.any()):
+            continue  # the cut would drop image tokens while their pixel inputs stay: the model cannot read that
         encoded.input_ids, encoded.loss_mask = encoded.input_ids[:max_tokens], encoded.loss_mask[:max_tokens]
         examples.append(encoded)
     return examples
@@ -61,16 +64,23 @@ def right_padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> d
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 
 
-def batches(examples: list[Encoded], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded micro-batches (with the pixel inputs of the first example: vision batches hold one)."""
-    return [{**right_padded([(e.input_ids, e.loss_mask) for e in examples[start:start + size]], pad_id),
-             **examples[start].vision} for start in range(0, len(examples), size)]
+def batches(examples: list[Encoded], size: int, pad_id: int,
+            encoder: ChatEncoder | None = None) -> list[dict[str, torch.Tensor]]:
+    """Right-padded micro-batches (with the pixel inputs of the first example: vision batches hold one, and
+    the per-token inputs `encoder.token_types` derives from the padded ids)."""
+    micro = []
+    for start in range(0, len(examples), size):
+        batch = right_padded([(e.input_ids, e.loss_mask) for e in examples[start:start + size]], pad_id)
+        types = encoder.token_types(batch["input_ids"]) if encoder is not None else {}
+        micro.append({**batch, **examples[start].vision, **types})
+    return micro
 
 
-def token_logprobs(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(token t | tokens < t) for t >= 1, shape [rows, tokens - 1]."""
+def token_logprobs(net: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log p(token t | tokens < t) for t >= 1, shape [rows, tokens - 1], under the sampling `temperature`
+    (HDPO's ratios compare against the distribution the rollouts were drawn from)."""
     inputs = {k: v for k, v in batch.items() if k != "loss_mask"}
-    logits = net(**inputs).logits[:, :-1].float()
+    logits = net(**inputs).logits[:, :-1].float() / temperature
     return torch.gather(logits.log_softmax(-1), 2, batch["input_ids"][:, 1:, None]).squeeze(-1)
 
 
@@ -85,7 +95,11 @@ def train_sft(config: SFTConfig) -> Path:
     loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
     net = loaded.net.train()
     encoder = ChatEncoder(loaded.processor, loaded.vision)
-    examples = encode_examples(load_samples(config.shards), encoder, config.max_tokens)
+    samples = load_samples(config.shards)
+    examples = encode_examples(samples, encoder, config.max_tokens)
+    if len(examples) < len(samples):  # said, not silent: no assistant turn, or a cut through image tokens
+        tqdm.write(f"sft: {len(samples) - len(examples)} of {len(samples)} samples skipped (no assistant turn,"
+                   f" or --max-tokens {config.max_tokens} would cut through their image tokens)")
     size = 1 if loaded.vision else config.batch_size
     total = config.epochs * -(-len(examples) // (size * config.grad_accum))
     log_file = config.out / "sft_log.jsonl"
@@ -94,7 +108,7 @@ def train_sft(config: SFTConfig) -> Path:
     with tqdm(total=total, initial=step, desc="sft", unit="step") as bar:
         for epoch in range(config.epochs):
             random.Random(config.seed + epoch).shuffle(examples)
-            micro = batches(examples, size, loaded.tokenizer.pad_token_id)
+            micro = batches(examples, size, loaded.tokenizer.pad_token_id, encoder)
             for first in range(0, len(micro), config.grad_accum):
                 index += 1
                 if index <= done:

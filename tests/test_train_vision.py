@@ -1,0 +1,251 @@
+"""The trainer's vision path on a real Qwen2-VL: a tiny randomly initialised one built from a config here, with
+a character-level tokenizer of our own (Qwen's special tokens and a Qwen2-VL-style chat template) and the real
+Qwen2-VL processor, saved with `save_pretrained` and loaded by `load_model` like any checkpoint. The image
+goes through the processor (its `<|image_pad|>` expansion and `pixel_values` / `image_grid_thw`) into the
+vision tower, in one SFT step and in one HDPO step whose rollouts generate with the pixel inputs.
+
+The processor without torchvision: transformers 5 builds `Qwen2VLProcessor` with a video processor, and
+every video processor is backed by torchvision, which this CPU set-up cannot install beside torch 2.13
+(transformers issues #43986, #48556: no processor with a video slot loads without it). Where torchvision
+is missing, the fixture uses `ImageOnlyQwen2VLProcessor`: `Qwen2VLProcessor` itself (chat template, image
+token expansion, `mm_token_type_ids`, the PIL image processor) minus the video slot, registered with
+`AutoProcessor` for Qwen2-VL configs so that `load_model` -> `AutoProcessor.from_pretrained` finds it. Only
+the test registers it, and only where the stock processor cannot load at all; with torchvision the stock
+`Qwen2VLProcessor` is saved and loaded, and nothing is registered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image as PILImage
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.utils import is_torchvision_available
+
+from curate.formats import get_format
+from curate.generation.hf import LoadedModel, load_model
+from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
+from curate.sandbox import Sandbox, SandboxOptions
+from curate.train.chat import ChatEncoder, policy_turns
+from curate.train.hdpo import HDPOConfig, hdpo_step
+from curate.train.rollout import RolloutConfig, RolloutEngine
+from curate.train.sft import SFTConfig, encode_examples, train_sft
+from curate.verify import Verification
+
+SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]
+MARKUP = ["<tool_call>", "</tool_call>", "<answer>", "</answer>", "<tool_response>", "</tool_response>"]
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n"]
+# Qwen2-VL's template, trimmed: ChatML turns, each image part as `<|vision_start|><|image_pad|><|vision_end|>`.
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+            "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|>"
+            "<|vision_end|>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MERGE = 2  # the vision tower merges 2x2 patches into one token: 4 patches per image token
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without its video slot, for set-ups without torchvision (see the module docstring).
+    `ProcessorMixin` takes its sub-processors from the `__init__` signature: leaving `video_processor` out of it
+    is all it takes; the video processor the parent passes on is then None and dropped."""
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLProcessor:
+    # 56x56 to 112x112 pixels: a 64x64 picture becomes 4x4 patches of 14 pixels, 4 image tokens.
+    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    if is_torchvision_available():
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2VLProcessor(images, tokenizer, Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
+    AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
+    return ImageOnlyQwen2VLProcessor(images, tokenizer, chat_template=TEMPLATE)
+
+
+def build_tiny_qwen2_vl(folder: Path, seed: int = 0) -> Path:
+    """A Qwen2-VL of about 150k parameters (2 text layers of width 64, 1 vision block of width 32), saved with
+    its processor as a folder `load_model` reads."""
+    vocab = {token: index for index, token in enumerate(SPECIAL + MARKUP + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>",
+                                        chat_template=TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
+    tokenizer.add_tokens(MARKUP)
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                     # M-RoPE: temporal, height and width sections of the 8 rotary pairs of a 16-wide head
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": MERGE, "temporal_patch_size": 2},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        tie_word_embeddings=True)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    qwen2_vl_processor(tokenizer).save_pretrained(folder)
+    return folder
+
+
+def png(color: str, size: tuple[int, int] = (64, 64)) -> Image:
+    buffer = io.BytesIO()
+    PILImage.new("RGB", size, color).save(buffer, format="PNG")
+    return Image(buffer.getvalue())
+
+
+def picture_trajectory() -> Sample:
+    """Question on a picture, a python call, an observation showing a crop (an image in the tool's output),
+    the answer."""
+    return Sample("v0", "toy", [
+        Message("user", [ImagePart(0), TextPart("What color is it?")]),
+        Message("assistant", [], [ToolCall("python", {"code": "crop = image_1.crop((0, 0, 32, 32))"}, "c0")]),
+        Message("tool", [TextPart("crop:"), ImagePart(1)], tool_call_id="c0"),
+        Message("assistant", [TextPart("<answer>red</answer>")])], [png("red"), png("red", (32, 32))], "red")
+
+
+def picture_prompt() -> Sample:
+    return Sample("p0", "toy", [Message("user", [ImagePart(0), TextPart("What color is it?")])], [png("red")], "red")
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("qwen2-vl"))
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(not torch.equal(before[name], after[name]) for name in before if name.startswith(prefix))
+
+
+def test_vision_sft_masks_image_and_observation_tokens_and_one_step_trains_the_vision_tower(tiny_vl: Path,
+                                                                                           tmp_path: Path) -> None:
+    loaded = load_model(str(tiny_vl), "cpu", "float32")
+    assert loaded.vision and isinstance(loaded.net, Qwen2VLForConditionalGeneration)
+    assert isinstance(loaded.processor, Qwen2VLProcessor)
+    sample = picture_trajectory()
+    encoder = ChatEncoder(loaded.processor, loaded.vision)
+    encoded = encoder.encode(policy_turns(sample), sample.images)
+    ids, mask = encoded.input_ids, encoded.loss_mask.bool()
+    image_token = loaded.processor.image_token_id
+    grid = encoded.vision["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 4], [1, 4, 4]] and encoded.vision["pixel_values"].shape[0] == 32
+    # the processor expanded each placeholder to one token per 2x2 patches; none of them is trained
+    assert int((ids == image_token).sum()) == int(grid.prod(-1).sum()) // MERGE**2 == 8
+    assert not mask[ids == image_token].any()
+    trained, masked = loaded.tokenizer.decode(ids[mask]), loaded.tokenizer.decode(ids[~mask])
+    assert trained == ('<tool_call>{"name": "python", "arguments": {"code": "crop = image_1.crop((0, 0, 32, 32))"}}'
+                       "</tool_call><|im_end|>\n<answer>red</answer><|im_end|>\n")
+    assert "<tool_response>\ncrop:<|vision_start|>" in masked and "What color is it?" in masked
+    assert "mm_token_type_ids" not in encoded.vision  # derived from the ids where batches are built
+    # a cut through the image tokens would leave more features than placeholders: such an example is left out
+    assert encode_examples([sample], encoder, max_tokens=10) == []
+
+    shard = tmp_path / "sft.parquet"
+    get_format("messages").write([sample], shard)
+    checkpoint = train_sft(SFTConfig(model=str(tiny_vl), shards=[shard], out=tmp_path / "sft", lr=1e-3,
+                                     max_tokens=512))
+    (record,) = [json.loads(line) for line in (tmp_path / "sft" / "sft_log.jsonl").read_text().splitlines()]
+    assert record["step"] == 1 and math.isfinite(record["loss"]) and record["loss"] > 0
+    reloaded = load_model(str(checkpoint), "cpu", "float32")  # the checkpoint is a Qwen2-VL with its processor
+    assert reloaded.vision and reloaded.net.config.model_type == "qwen2_vl"
+    before, after = loaded.net.state_dict(), reloaded.net.state_dict()
+    assert changed(before, after, "model.visual.")  # the loss reached the vision tower: the pixels were read
+    assert changed(before, after, "model.language_model.")
+    assert ChatEncoder(reloaded.processor, True).encode(policy_turns(sample), sample.images).input_ids.equal(ids)
+
+
+class Alternating:
+    """A verifier that calls every other rollout correct, so that the group's advantages are ±1 whatever
+    a random policy writes (answers from rules would all be wrong: zero advantages, no update)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completion: str, truth: Any, question: str = "") -> Verification:
+        self.calls += 1
+        return Verification(self.calls % 2 == 1, completion, "test")
+
+
+def record_forwards(loaded: LoadedModel) -> tuple[list[bool], list[bool]]:
+    """Two records that fill as the model runs: for each forward of the vision tower, whether gradients were on
+    (an update reading the image rather than sampling with it); for each forward of the model, whether its ids
+    came with their token types (`mm_token_type_ids`, which Qwen2-VL's M-RoPE needs)."""
+    pixels: list[bool] = []
+    typed: list[bool] = []
+
+    def model_forward(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        types = kwargs.get("mm_token_type_ids")
+        typed.append(types is not None and types.shape == kwargs["input_ids"].shape)
+
+    loaded.net.model.visual.register_forward_hook(lambda module, args, output: pixels.append(torch.is_grad_enabled()))
+    loaded.net.register_forward_pre_hook(model_forward, with_kwargs=True)
+    return pixels, typed
+
+
+def prefer_image_placeholders(loaded: LoadedModel) -> None:
+    """Makes `<|image_pad|>` by far the likeliest next token: a policy that would write placeholders."""
+    pad = loaded.processor.image_token_id
+
+    def boost(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        return logits + 100 * torch.nn.functional.one_hot(torch.tensor(pad), logits.shape[-1])
+
+    loaded.net.lm_head.register_forward_hook(boost)
+
+
+def test_vision_hdpo_step_samples_and_updates_with_the_image(tiny_vl: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    loaded = load_model(str(tiny_vl), "cpu", "float32")
+    pixels, typed = record_forwards(loaded)
+    before = {name: value.detach().clone() for name, value in loaded.net.state_dict().items()}
+    optimizer = torch.optim.AdamW(loaded.net.parameters(), lr=1e-3)
+    config = HDPOConfig(model=str(tiny_vl), shards=[], out=tmp_path, prompts_per_step=1, rollouts=2, max_turns=1,
+                        max_new_tokens=8, max_tokens=256)
+    with Sandbox(SandboxOptions(timeout=10, cpu_seconds=10)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256))
+        metrics = hdpo_step(loaded, engine, optimizer, [picture_prompt()], Alternating(), config)
+    assert metrics["accuracy"] == 0.5 and all(math.isfinite(value) for value in metrics.values())
+    # each rollout sampled with the image (once per turn: a sampled `</tool_call>` makes two), then each trained
+    # row read it; the ids always came with their token types
+    assert pixels.count(False) >= 2 and pixels[-2:] == [True, True] and pixels.count(True) == 2 and all(typed)
+    after = loaded.net.state_dict()
+    assert changed(before, after, "model.visual.") and changed(before, after, "model.language_model.")
+
+
+def test_vision_rollout_continues_with_the_image_after_a_tool_turn(tiny_vl: Path) -> None:
+    """The second turn is generated on ids longer than the prompt (the image's token types follow them), by a
+    policy that would write image placeholders (a rollout never holds more of them than image features)."""
+    loaded = load_model(str(tiny_vl), "cpu", "float32")
+    pixels, typed = record_forwards(loaded)
+    prefer_image_placeholders(loaded)
+    tokenizer = loaded.tokenizer
+    with Sandbox(SandboxOptions(timeout=10, cpu_seconds=10)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256))
+        rollout = engine.start(picture_prompt())
+        code = '<tool_call>{"name": "python", "arguments": {"code": "print(image_1.size)"}}</tool_call>'
+        first = tokenizer(code, add_special_tokens=False).input_ids
+        engine._advance(rollout, first)
+        assert "<tool_response>\n(64, 64)\n</tool_response>" in tokenizer.decode(rollout.ids)  # the image, preloaded
+        (finished,) = engine.run([rollout])
+    assert finished.done and len(finished.turns) == 2 and pixels == [False] and len(typed) > 1 and all(typed)
+    policy = torch.tensor(finished.policy_mask).bool()
+    ids = torch.tensor(finished.ids)
+    assert policy.sum() > len(first) and not (ids[policy] == loaded.processor.image_token_id).any()
