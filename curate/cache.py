@@ -41,7 +41,8 @@ class Cache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.hits = 0
         self.misses = 0
-        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        # A Ray Data actor sets its stage up in one thread and calls it from another (one call at a time).
+        self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(

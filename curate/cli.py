@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +41,41 @@ def main() -> None:
 @click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), help="Run directory [runs/<recipe name>].")
 @click.option("--local", is_flag=True, help="Use the recipe's `local` profile (CPU backends, local judge).")
 @click.option("--profile", help="Use another named profile of the recipe.")
-@click.option("--executor", type=click.Choice(["local"]), default="local", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes for CPU stages.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine's processes; ray: a Ray cluster (pip install 'curate[ray]').")
+@click.option("--address", help="Ray cluster to join (e.g. auto, or ray://HOST:10001) [a new local Ray instance].")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Parallel CPU-stage workers [local: 1; ray: the cluster's CPUs].")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
               help="SQLite cache of probe and judge results, shared across runs.")
 @click.option("--force", is_flag=True, help="Discard an existing run directory of a different recipe.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs, CI).")
 def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir: Path | None, local: bool,
-        profile: str | None, executor: str, workers: int, cache_path: Path, force: bool, no_progress: bool) -> None:
-    """Run RECIPE; rerunning on the same run directory resumes it."""
-    from curate.executor import LocalExecutor
+        profile: str | None, executor: str, address: str | None, workers: int | None, cache_path: Path, force: bool,
+        no_progress: bool) -> None:
+    """Run RECIPE; rerunning on the same run directory resumes it (with either executor)."""
+    from curate.executor import LocalExecutor, StageError
     from curate.recipe import load_recipe
 
     if local and profile:
         raise UserError("--local is the `local` profile; pass either --local or --profile")
+    if address and executor != "ray":
+        raise UserError("--address names a Ray cluster; add --executor ray")
     loaded = load_recipe(recipe, profile="local" if local else profile, input_paths=list(inputs), format_name=format_name)
     run_dir = run_dir or Path("runs") / loaded.name
-    manifest = LocalExecutor(loaded, run_dir, workers=workers, cache_path=cache_path, progress=not no_progress).run(force)
+    if executor == "ray":
+        from curate.ray_executor import RayExecutor
+
+        runner = RayExecutor(loaded, run_dir, workers, cache_path, progress=not no_progress, address=address)
+    else:
+        runner = LocalExecutor(loaded, run_dir, workers or 1, cache_path, progress=not no_progress)
+    try:
+        manifest = runner.run(force)
+    except StageError as exc:  # a stage's bug or a bad row it did not expect: its traceback, then what to do
+        click.echo("".join(traceback.format_exception(exc.__cause__ or exc)), err=True)
+        click.echo(f"error: {exc}", err=True)
+        click.echo(f"committed batches are kept in {run_dir}; fix the cause and run the same command to resume", err=True)
+        sys.exit(1)
     click.echo(funnel_table(manifest))
     click.echo(
         f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept ({run_dir / 'kept'}),"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ class BatchResult:
     kept: list[Sample]
     rejected: list[Rejection]
     stats: dict[str, StageStats]
+    # The state of each stateful stage after this batch: committed with it, so a resume restores it.
+    stage_states: dict[str, Any] = field(default_factory=dict)
 
 
 Row = tuple[int, int, Any]  # (source index, row index in that file, raw record)
@@ -123,7 +125,8 @@ def merge_results(first: BatchResult, second: BatchResult) -> BatchResult:
         if label in stats:  # the stage's preparation ran earlier, in a worker
             more.add(stats[label])
         stats[label] = more
-    return BatchResult(second.kept, first.rejected + second.rejected, stats)
+    return BatchResult(second.kept, first.rejected + second.rejected, stats,
+                       {**first.stage_states, **second.stage_states})
 
 
 def prepare_stage(label: str | None, stage: Stage | None, samples: list[Sample]) -> dict[str, StageStats]:
@@ -153,20 +156,26 @@ def _init_worker(specs: list[StageSpec], context: StageContext, prepare_only: se
             multiprocessing.util.Finalize(None, stage.teardown, exitpriority=10)
 
 
+def run_segment(stages: dict[str, Stage], labels: list[str], samples: list[Sample], prepare: str | None,
+                before: BatchResult | None = None) -> BatchResult:
+    """Stages `labels` on `samples`, then the preparation of the driver stage that follows them; stateful
+    stages among them report their state after the batch. `before` is what the batch went through already."""
+    result = apply_stages([(label, stages[label]) for label in labels], samples)
+    result.stage_states = {label: stages[label].state_dict() for label in labels if stages[label].stateful}
+    if before is not None:
+        result = merge_results(before, result)
+    result.stats.update(prepare_stage(prepare, stages.get(prepare or ""), result.kept))
+    return result
+
+
 def _worker_read_and_filter(sources: list[SourceReader], rows: list[Row], labels: list[str],
                             prepare: str | None) -> BatchResult:
     parsed = parse_rows(sources, rows)
-    return _worker_filter(labels, parsed.kept, prepare, parsed)
+    return run_segment(_worker_stages, labels, parsed.kept, prepare, parsed)
 
 
-def _worker_filter(labels: list[str], samples: list[Sample], prepare: str | None,
-                   before: BatchResult | None = None) -> BatchResult:
-    """Worker stages `labels` on `samples`, then the preparation of the driver stage that follows them."""
-    result = apply_stages([(label, _worker_stages[label]) for label in labels], samples)
-    if before is not None:
-        result = merge_results(before, result)
-    result.stats.update(prepare_stage(prepare, _worker_stages.get(prepare or ""), result.kept))
-    return result
+def _worker_filter(labels: list[str], samples: list[Sample], prepare: str | None) -> BatchResult:
+    return run_segment(_worker_stages, labels, samples, prepare)
 
 
 # --- the driver ----------------------------------------------------------------
@@ -184,7 +193,11 @@ def segments(specs: tuple[StageSpec, ...], stages: dict[str, Stage]) -> list[tup
     return groups
 
 
-class LocalExecutor:
+class Executor:
+    """What every executor shares: open or resume the run directory, commit each batch's result in input
+    order (so `rows_done` is a prefix of the input and a killed run resumes right after it), finalise.
+    Subclasses say where the stages run, in `_results`."""
+
     def __init__(self, recipe: Recipe, run_dir: Path, workers: int = 1, cache_path: Path = DEFAULT_CACHE_PATH,
                  progress: bool = True) -> None:
         self.recipe = recipe
@@ -206,33 +219,67 @@ class LocalExecutor:
         labels = [READ_STAGE] + [spec.label for spec in self.recipe.stages]
         for label in labels:
             state.stats.setdefault(label, StageStats(label))
+        self.context.scratch_dir.mkdir(parents=True, exist_ok=True)
+        bars = self._progress_bars(labels, state)
+        results = self._results(state)
+        try:
+            for result, rows in results:
+                for label, stats in result.stats.items():
+                    state.stats[label].add(stats)
+                    bars[label].update(stats.rows_in)
+                state.stage_states.update(result.stage_states)
+                self.run_dir.commit_batch(state, result.kept, result.rejected, rows)
+        finally:
+            results.close()  # tears the stages down even when a commit failed
+            for bar in bars.values():
+                bar.close()
+        return self.run_dir.finalize(state, self.recipe.output_kind, self.recipe.shard_rows)
+
+    def _results(self, state: RunState) -> Generator[tuple[BatchResult, int], None, None]:
+        """Each batch's result with the number of input rows it covers, in input order, from `state.rows_done` on."""
+        raise NotImplementedError
+
+    def _progress_bars(self, labels: list[str], state: RunState) -> dict[str, tqdm]:
+        counts = [count_records(s.path) for s in self.sources]
+        total = None if None in counts else sum(counts)  # type: ignore[arg-type]
+        return {
+            label: tqdm(
+                total=total if label == READ_STAGE else None,
+                initial=state.stats[label].rows_in,
+                desc=f"{label:>24}",
+                unit="row",
+                position=position,
+                disable=not self.progress,
+                leave=True,
+                dynamic_ncols=True,
+            )
+            for position, label in enumerate(labels)
+        }
+
+
+class LocalExecutor(Executor):
+    def _results(self, state: RunState) -> Generator[tuple[BatchResult, int], None, None]:
         # Every stage is built here to read its declarations; only those that run here are set up here.
         stages = {spec.label: spec.build() for spec in self.recipe.stages}
         plan = segments(self.recipe.stages, stages)
         local = {label: stages[label] for in_workers, group in plan if not in_workers for label in group}
-        self.context.scratch_dir.mkdir(parents=True, exist_ok=True)
-        for label, stage in local.items():
-            stage.setup(self.context)
-            if label in state.stage_states:
-                stage.load_state_dict(state.stage_states[label])
-        bars = self._progress_bars(labels, state)
+        set_up: list[Stage] = []
         try:
+            for label, stage in local.items():
+                stage.setup(self.context)
+                set_up.append(stage)
+                if label in state.stage_states:
+                    stage.load_state_dict(state.stage_states[label])
             # Workers also get the driver stages that prepare in them (e.g. image hashing before a dedup index).
             prepare_only = {label for label, stage in local.items() if stage.has_prepare()}
             worker_specs = [spec for spec in self.recipe.stages if spec.label not in local or spec.label in prepare_only]
             with self._pool(worker_specs, prepare_only) as pool:
                 for result, rows in self._batches(pool, plan, local, state):
-                    for label, stats in result.stats.items():
-                        state.stats[label].add(stats)
-                        bars[label].update(stats.rows_in)
-                    state.stage_states = {label: stage.state_dict() for label, stage in local.items() if stage.stateful}
-                    self.run_dir.commit_batch(state, result.kept, result.rejected, rows)
+                    result.stage_states = {label: stage.state_dict() for label, stage in local.items() if stage.stateful}
+                    yield result, rows
         finally:
-            for stage in local.values():
+            for stage in reversed(set_up):  # a stage whose setup failed (a missing API key) has nothing to release
                 stage.teardown()
-            for bar in bars.values():
-                bar.close()
-        return self.run_dir.finalize(state, self.recipe.output_kind, self.recipe.shard_rows)
 
     def _pool(self, worker_specs: list[StageSpec], prepare_only: set[str]) -> ProcessPoolExecutor | _InlinePool:
         if self.workers == 1:
@@ -297,23 +344,6 @@ class LocalExecutor:
         return BatchResult(
             [s for r in results for s in r.kept], [rej for r in results for rej in r.rejected], stats
         )
-
-    def _progress_bars(self, labels: list[str], state: RunState) -> dict[str, tqdm]:
-        counts = [count_records(s.path) for s in self.sources]
-        total = None if None in counts else sum(counts)  # type: ignore[arg-type]
-        return {
-            label: tqdm(
-                total=total if label == READ_STAGE else None,
-                initial=state.stats[label].rows_in,
-                desc=f"{label:>24}",
-                unit="row",
-                position=position,
-                disable=not self.progress,
-                leave=True,
-                dynamic_ncols=True,
-            )
-            for position, label in enumerate(labels)
-        }
 
 
 class _InlinePool:

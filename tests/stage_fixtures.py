@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 from pydantic import Field
 
@@ -92,3 +93,16 @@ class PreparedInWorkers(Stage):
     def check(self, sample: Sample) -> bool:
         sample.meta.setdefault(self.name, {})["processed_in"] = os.getpid()
         return "prepared_in" in sample.meta[self.name]
+
+
+class Slow(Stage):
+    """Sleeps per batch, so a test can stop a run part-way through."""
+
+    name = "slow"
+
+    class Options(StageOptions):
+        seconds: float = 0.3
+
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        time.sleep(self.options.seconds)
+        return [KEEP] * len(batch)

@@ -168,7 +168,13 @@ def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Pa
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (state_file.exists() and pickle.loads(state_file.read_bytes()).batches_done >= 3):
         time.sleep(0.05)
-    sandboxes = [p for p in psutil.Process(process.pid).children(recursive=True) if "zygote.py" in " ".join(p.cmdline())]
+    def is_sandbox(child: psutil.Process) -> bool:
+        try:
+            return "zygote.py" in " ".join(child.cmdline())
+        except psutil.NoSuchProcess:  # a short-lived child that ended between listing and reading
+            return False
+
+    sandboxes = [p for p in psutil.Process(process.pid).children(recursive=True) if is_sandbox(p)]
     assert sandboxes, "the run had no sandbox workers when it was killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -1,0 +1,178 @@
+"""The Ray executor on a real local Ray cluster: parity with the local executor, errors, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, assert_accounting, messages_row, shard_ids, write_jsonl
+from stage_fixtures import Explode, FirstN, HashBucket, Slow
+
+from curate.executor import LocalExecutor, StageError
+from curate.recipe import load_recipe
+from curate.registry import register_stage
+from curate.rundir import RunDir
+
+ray = pytest.importorskip("ray", reason="the Ray executor is the optional extra `ray`")
+from curate.ray_executor import RayExecutor, plan_operators
+
+for stage in (HashBucket, FirstN, Explode, Slow):
+    register_stage(stage)
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A real local Ray cluster of 2 CPUs; workers import the test stages from this folder."""
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def outcome(run_dir: Path) -> tuple[list[str], list[tuple[str, str, str]]]:
+    rejected = pq.read_table(run_dir / "rejected").select(["id", "stage", "reason"]).to_pylist()
+    return shard_ids(run_dir / "kept"), sorted((r["id"], r["stage"], r["reason"]) for r in rejected)
+
+
+def funnel(manifest: dict) -> list[tuple]:
+    return [(s["name"], s["in"], s["kept"], s["rejected"], s["reasons"]) for s in manifest["stages"]]
+
+
+def recipe_file(tmp_path: Path, source: Path, stages: list[dict], batch_size: int = 5) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "input": {"paths": [str(source)]}, "stages": stages,
+                                    "output": {"kind": "sft", "shard_rows": 7}, "batch_size": batch_size}))
+    return path
+
+
+def test_bundled_sample_gives_the_same_run_as_the_local_executor(cluster: str, tmp_path: Path,
+                                                                   probe_cache: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml", profile="local")
+    local = LocalExecutor(recipe, tmp_path / "local", cache_path=probe_cache, progress=False).run()
+    on_ray = RayExecutor(recipe, tmp_path / "ray", cache_path=probe_cache, progress=False).run()
+    assert outcome(tmp_path / "ray") == outcome(tmp_path / "local")
+    assert funnel(on_ray) == funnel(local)
+    assert (on_ray["input_rows"], on_ray["kept_rows"], on_ray["rejected_rows"]) == (
+        local["input_rows"], local["kept_rows"], local["rejected_rows"])
+    assert [o["sha256"] for o in on_ray["outputs"]] == [o["sha256"] for o in local["outputs"]]
+    assert len({stage for _, stage, _ in outcome(tmp_path / "ray")[1]}) >= 4  # the planted defects were caught
+    assert_accounting(tmp_path / "ray")
+
+
+def test_stateful_stage_sees_rows_in_input_order_across_files(cluster: str, tmp_path: Path) -> None:
+    first = write_jsonl(tmp_path / "a.jsonl", [messages_row(i) for i in range(13)] + ["{bad"])
+    second = write_jsonl(tmp_path / "b.jsonl", [messages_row(i) for i in range(100, 117)])
+    recipe = recipe_file(tmp_path, first, [{"hash_bucket": {}}, {"first_n": {"n": 12}}])
+    loaded = load_recipe(recipe, input_paths=[str(first), str(second)])
+    local = LocalExecutor(loaded, tmp_path / "local", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    on_ray = RayExecutor(loaded, tmp_path / "ray", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert outcome(tmp_path / "ray") == outcome(tmp_path / "local")
+    assert funnel(on_ray) == funnel(local)
+    assert on_ray["stages"][0]["reasons"] == {"malformed": 1}
+    assert_accounting(tmp_path / "ray")
+
+
+def test_stage_error_names_stage_and_rows_and_keeps_earlier_batches(cluster: str, tmp_path: Path) -> None:
+    rows = [messages_row(i, question="BOOM here" if i == 12 else None) for i in range(20)]
+    recipe = recipe_file(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), [{"explode": {}}])
+    with pytest.raises(StageError, match=r"stage 'explode' failed on a batch of 5 rows \(row-00010, .*row-00012"):
+        RayExecutor(load_recipe(recipe), tmp_path / "boom", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    state = RunDir(tmp_path / "boom").load_state()
+    assert (state.batches_done, state.rows_done) == (2, 10)  # the batches before the failure, nothing after
+
+
+def test_cli_reports_a_stage_failure_in_one_line_and_how_to_resume(cluster: str, tmp_path: Path) -> None:
+    rows = [messages_row(i, question="BOOM here" if i == 3 else None) for i in range(8)]
+    recipe = recipe_file(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), [{"explode": {}}])
+    script = ("import sys, stage_fixtures; from curate.registry import register_stage;"
+              " register_stage(stage_fixtures.Explode); from curate.cli import main; main()")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "run", str(recipe), "--executor", "ray", "--address", cluster,
+         "-o", str(tmp_path / "run"), "--cache", str(tmp_path / "c.sqlite"), "--no-progress"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(TESTS)}, timeout=300, check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    (error,) = [index for index, line in enumerate(lines) if line.startswith("error: ")]
+    assert lines[error].startswith("error: stage 'explode' failed on a batch of 5 rows (row-00000")
+    assert "exploded on row-00003" in lines[error] and "run the same command to resume" in lines[error + 1]
+    assert "ValueError: exploded on row-00003" in result.stderr  # the stage's own traceback, from the worker
+
+
+KILLABLE_RUN = """
+import sys
+from pathlib import Path
+import stage_fixtures
+from curate.registry import register_stage
+for stage in (stage_fixtures.HashBucket, stage_fixtures.FirstN, stage_fixtures.Slow):
+    register_stage(stage)
+from curate.ray_executor import RayExecutor
+from curate.recipe import load_recipe
+address, recipe, run_dir, cache = sys.argv[1:5]
+RayExecutor(load_recipe(Path(recipe)), Path(run_dir), cache_path=Path(cache), progress=False, address=address).run()
+"""
+
+
+def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(60)])
+    recipe = recipe_file(tmp_path, source, [{"hash_bucket": {}}, {"slow": {"seconds": 0.4}}, {"first_n": {"n": 25}}])
+    clean = LocalExecutor(load_recipe(recipe), tmp_path / "clean", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    run_dir = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, cluster, str(recipe), str(run_dir),
+                               str(tmp_path / "c.sqlite")], env={**os.environ, "PYTHONPATH": str(TESTS)})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        state = RunDir(run_dir).load_state() if (run_dir / "state" / "state.pkl").exists() else None
+        if state and state.batches_done >= 3:
+            break
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done = RunDir(run_dir).load_state().batches_done
+    assert 3 <= done < 12, "the driver was killed part-way through"
+    resumed = RayExecutor(load_recipe(recipe), run_dir, cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert resumed["resumed"] == 1
+    assert outcome(run_dir) == outcome(tmp_path / "clean")
+    assert funnel(resumed) == funnel(clean) and funnel(resumed)[0][1] == 60
+    assert_accounting(run_dir)
+
+
+def test_run_stopped_under_the_local_executor_resumes_on_ray(cluster: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(30)])
+    recipe = load_recipe(recipe_file(tmp_path, source, [{"hash_bucket": {}}, {"first_n": {"n": 12}}]))
+    clean = LocalExecutor(recipe, tmp_path / "clean", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    commit = RunDir.commit_batch
+
+    def stop_at_third(self: RunDir, state, kept, rejected, rows) -> None:  # the third commit never happens
+        if state.batches_done == 2:
+            raise KeyboardInterrupt
+        commit(self, state, kept, rejected, rows)
+
+    monkeypatch.setattr(RunDir, "commit_batch", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        LocalExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    monkeypatch.setattr(RunDir, "commit_batch", commit)
+    resumed = RayExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert resumed["resumed"] == 1 and funnel(resumed) == funnel(clean)
+    assert outcome(tmp_path / "run") == outcome(tmp_path / "clean")
+
+
+def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml")  # vllm probe with 1 GPU, Gemini judge
+    stages = {spec.label: spec.build() for spec in recipe.stages}
+    ops = {tuple(op.labels): op for op in plan_operators(recipe.stages, stages, workers=6, cluster_gpus=4)}
+    assert ops[("image_integrity",)].actors is None and ops[("image_integrity",)].prepare == "image_dedup"
+    assert ops[("image_dedup",)].actors == (1, 1) and not ops[("image_dedup",)].restartable
+    assert ops[("format", "execution_failure", "consistency")].actors == (1, 6)  # sandbox pools: actors
+    probe = ops[("base_model_solvable",)]
+    assert (probe.actors, probe.num_gpus) == ((4, 4), 1.0)
+    assert ops[("strategic_tool_judge",)].actors == (1, 1) and ops[("strategic_tool_judge",)].num_cpus == 0
