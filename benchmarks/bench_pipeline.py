@@ -24,33 +24,19 @@ CPU_STAGES = [{"image_integrity": {}}, {"image_dedup": {}}, {"format": {}}]
 
 # Runs one recipe in a fresh interpreter; reports wall time and the peak summed RSS of it and its workers.
 RUN_ONE = """
-import json, sys, threading, time
+import json, sys, time
 from pathlib import Path
-import psutil
+from benchmarks.process_tree import peak_memory_sampler
 from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
 
-peak = 0
-def sample_tree_rss():  # the whole process tree: this driver plus its worker processes
-    global peak
-    me = psutil.Process()
-    while True:
-        total = me.memory_info().rss
-        for child in me.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        peak = max(peak, total)
-        time.sleep(0.05)
-
-threading.Thread(target=sample_tree_rss, daemon=True).start()
+peak_mib = peak_memory_sampler()
 recipe, out, workers, cache = sys.argv[1:5]
 started = time.perf_counter()
 manifest = LocalExecutor(load_recipe(Path(recipe)), Path(out), workers=int(workers), cache_path=Path(cache),
                          progress=False).run()
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "peak_mib": peak / 2**20, "rows": manifest["input_rows"],
+print(json.dumps({"seconds": seconds, "peak_mib": peak_mib(), "rows": manifest["input_rows"],
                   "kept": manifest["kept_rows"]}))
 """
 

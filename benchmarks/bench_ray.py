@@ -21,25 +21,11 @@ import yaml
 from bench_pipeline import CPU_STAGES, REPO, generate
 
 RUN_ONE = """
-import json, sys, threading, time
+import json, sys, time
 from pathlib import Path
-import psutil
+from benchmarks.process_tree import peak_memory_sampler
 
-peak = 0
-def sample_tree_pss():
-    global peak
-    me = psutil.Process()
-    while True:
-        total = 0
-        for process in [me] + me.children(recursive=True):
-            try:
-                total += process.memory_full_info().pss
-            except psutil.Error:
-                pass
-        peak = max(peak, total)
-        time.sleep(0.25)
-
-threading.Thread(target=sample_tree_pss, daemon=True).start()
+peak_mib = peak_memory_sampler(pss=True, every=0.25)
 executor, recipe, out, workers, cache = sys.argv[1:6]
 from curate.recipe import load_recipe
 started = time.perf_counter()
@@ -55,7 +41,7 @@ else:
     runner = LocalExecutor(load_recipe(Path(recipe)), Path(out), int(workers), Path(cache), progress=False)
 manifest = runner.run()
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "cluster_start": cluster_start, "peak_mib": peak / 2**20,
+print(json.dumps({"seconds": seconds, "cluster_start": cluster_start, "peak_mib": peak_mib(),
                   "rows": manifest["input_rows"], "kept": manifest["kept_rows"]}))
 """
 

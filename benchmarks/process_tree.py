@@ -1,0 +1,32 @@
+"""Peak memory of this process and all its descendants (workers, and a Ray cluster it started), sampled
+in a background thread. Imported by the code the benchmarks run in fresh interpreters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+
+
+def peak_memory_sampler(pss: bool = False, every: float = 0.05) -> Callable[[], float]:
+    """Start sampling; the returned function gives the peak so far in MiB. RSS counts a page shared by
+    several processes once per process; PSS (`pss=True`, slower to read) splits it between them."""
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        me = psutil.Process()
+        while True:
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_full_info().pss if pss else process.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak = max(peak, total)
+            time.sleep(every)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return lambda: peak / 2**20
