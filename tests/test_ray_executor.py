@@ -15,6 +15,7 @@ import yaml
 from conftest import REPO, assert_accounting, messages_row, shard_ids, write_jsonl
 from stage_fixtures import Explode, FirstN, HashBucket, Slow
 
+from curate.errors import UserError
 from curate.executor import LocalExecutor, StageError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
@@ -164,6 +165,15 @@ def test_run_stopped_under_the_local_executor_resumes_on_ray(cluster: str, tmp_p
     resumed = RayExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
     assert resumed["resumed"] == 1 and funnel(resumed) == funnel(clean)
     assert outcome(tmp_path / "run") == outcome(tmp_path / "clean")
+
+
+def test_missing_api_key_at_an_actors_setup_stops_the_run_with_its_one_line(cluster: str, tmp_path: Path) -> None:
+    assert not {"GEMINI_API_KEY", "GOOGLE_API_KEY"} & set(os.environ), "the cluster's workers must lack the key"
+    source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(6)])
+    recipe = recipe_file(tmp_path, source, [{"strategic_tool_judge": {"backend": "gemini", "model": "m"}}])
+    with pytest.raises(UserError, match="GEMINI_API_KEY"):
+        RayExecutor(load_recipe(recipe), tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert RunDir(tmp_path / "run").load_state().rows_done == 0
 
 
 def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(tmp_path: Path) -> None:
