@@ -274,9 +274,7 @@ class LocalExecutor(Executor):
             prepare_only = {label for label, stage in local.items() if stage.has_prepare()}
             worker_specs = [spec for spec in self.recipe.stages if spec.label not in local or spec.label in prepare_only]
             with self._pool(worker_specs, prepare_only) as pool:
-                for result, rows in self._batches(pool, plan, local, state):
-                    result.stage_states = {label: stage.state_dict() for label, stage in local.items() if stage.stateful}
-                    yield result, rows
+                yield from self._batches(pool, plan, local, state)
         finally:
             for stage in reversed(set_up):  # a stage whose setup failed (a missing API key) has nothing to release
                 stage.teardown()
@@ -328,7 +326,7 @@ class LocalExecutor(Executor):
                 if in_workers:
                     more = self._fan_out(pool, group, result.kept, prepared_next(position + 1))
                 else:
-                    more = apply_stages([(label, local[label]) for label in group], result.kept)
+                    more = run_segment(local, group, result.kept, None)  # reports the stateful stages' state
                 result = merge_results(result, more)
             yield result, count
 

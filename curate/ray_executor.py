@@ -106,9 +106,25 @@ def read_batches(source_index: int, source: SourceReader, skip: int, batch_rows:
 
 
 def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int) -> Any:
-    """A Ray Data source with one read task per input file, skipping the first `skip` rows of the input."""
+    """A Ray Data source with one read task per input file, skipping the first `skip` rows of the input;
+    None when every row is committed already. The files are counted once, here."""
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
+
+    tasks = []
+    to_skip = skip
+    for index, source in enumerate(sources):
+        count = row_count(source.path)
+        if to_skip >= count:  # this file was committed whole before the run was stopped
+            to_skip -= count
+            continue
+        metadata = BlockMetadata(num_rows=math.ceil((count - to_skip) / batch_rows),
+                                 size_bytes=source.path.stat().st_size, input_files=[str(source.path)],
+                                 exec_stats=None)
+        tasks.append(ReadTask(lambda i=index, s=source, k=to_skip: read_batches(i, s, k, batch_rows), metadata))
+        to_skip = 0
+    if not tasks:
+        return None
 
     class InputBatches(Datasource):
         def estimate_inmemory_data_size(self) -> int:
@@ -116,18 +132,6 @@ def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int) ->
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
-            tasks = []
-            to_skip = skip
-            for index, source in enumerate(sources):
-                count = row_count(source.path)
-                if to_skip >= count:  # this file was committed whole before the run was stopped
-                    to_skip -= count
-                    continue
-                metadata = BlockMetadata(num_rows=math.ceil((count - to_skip) / batch_rows),
-                                         size_bytes=source.path.stat().st_size, input_files=[str(source.path)],
-                                         exec_stats=None)
-                tasks.append(ReadTask(lambda i=index, s=source, k=to_skip: read_batches(i, s, k, batch_rows), metadata))
-                to_skip = 0
             return tasks
 
     return InputBatches()
@@ -264,29 +268,28 @@ class RayExecutor(Executor):
         context.enable_progress_bars = False  # the funnel's bars, updated at each commit, say the same
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         reads = input_datasource(self.sources, self.recipe.batch_size, state.rows_done)
-        if not reads.get_read_tasks(1):
+        if reads is None:
             return
         dataset = ray.data.read_datasource(reads)
         stages = {spec.label: spec.build() for spec in self.recipe.stages}
-        for op in plan_operators(self.recipe.stages, stages, self._workers(ray), ray.cluster_resources().get("GPU", 0)):
-            dataset = self._add(ray, dataset, op, state)
+        cluster = ray.cluster_resources()
+        workers = self.workers_given or max(1, int(cluster.get("CPU", 1)))  # None given: the cluster's CPUs
+        for op in plan_operators(self.recipe.stages, stages, workers, cluster.get("GPU", 0)):
+            dataset = self._add(ray, dataset, op, state, workers)
         for row in dataset.iter_rows():
             result = pickle.loads(row["payload"])
             if isinstance(result, Failure):
                 raise result.error from RemoteTraceback(result.traceback)
             yield result, int(row["rows"])
 
-    def _workers(self, ray: Any) -> int:
-        return self.workers_given or max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-    def _add(self, ray: Any, dataset: Any, op: Operator, state: RunState) -> Any:
+    def _add(self, ray: Any, dataset: Any, op: Operator, state: RunState, workers: int) -> Any:
         specs = [spec for spec in self.recipe.stages if spec.label in op.labels or spec.label == op.prepare]
         segment = {"specs": specs, "labels": op.labels, "prepare": op.prepare, "context": self.context,
                    "sources": self.sources if op.parse else None}
         resources = {"num_cpus": op.num_cpus, "num_gpus": op.num_gpus or None}
         if op.actors is None:
             return dataset.map_batches(segment_task, batch_size=1, fn_kwargs=segment,
-                                       compute=ray.data.TaskPoolStrategy(size=self._workers(ray)), **resources)
+                                       compute=ray.data.TaskPoolStrategy(size=workers), **resources)
         states = {label: state.stage_states[label] for label in op.labels if label in state.stage_states}
         with warnings.catch_warnings():
             # max_restarts has no named parameter yet (Ray 2.60): it still goes as a plain remote argument.
