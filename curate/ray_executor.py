@@ -202,7 +202,7 @@ class Operator:
     actors: tuple[int, int] | None  # the actor pool's (min, max) size; None: stateless tasks
     num_cpus: float
     num_gpus: float = 0.0
-    restartable: bool = True
+    stateful: bool = False  # sees every batch in input order, one at a time, and is never restarted
 
 
 def plan_operators(specs: tuple[StageSpec, ...], stages: dict[str, Stage], workers: int,
@@ -228,7 +228,7 @@ def plan_operators(specs: tuple[StageSpec, ...], stages: dict[str, Stage], worke
             else:
                 # One instance per run (a stateful index, a rate-limited client, a model on the CPU). It asks Ray
                 # for no CPU: the pipeline cannot flow without it, so it must never wait behind the CPU workers.
-                ops.append(Operator([label], None, False, (1, 1), 0.0, restartable=not stage.stateful))
+                ops.append(Operator([label], None, False, (1, 1), 0.0, stateful=stage.stateful))
     for previous, following in pairwise(ops):
         # A driver stage's stateless preparation runs in the CPU operator before it, as in the local executor.
         previous_on_cpu = not previous.labels or stages[previous.labels[0]].runs_in_workers()
@@ -292,11 +292,15 @@ class RayExecutor(Executor):
                                        compute=ray.data.TaskPoolStrategy(size=workers), **resources)
         states = {label: state.stage_states[label] for label in op.labels if label in state.stage_states}
         with warnings.catch_warnings():
-            # max_restarts has no named parameter yet (Ray 2.60): it still goes as a plain remote argument.
+            # max_restarts and allow_out_of_order_execution have no named parameter yet (Ray 2.60): they still
+            # go as plain remote arguments.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             return dataset.map_batches(
                 Segment, batch_size=1, fn_constructor_kwargs={**segment, "states": states},
                 compute=ray.data.ActorPoolStrategy(min_size=op.actors[0], max_size=op.actors[1]),
                 # A restarted stateful actor would have lost its index: fail instead, and resume from the commit.
-                max_restarts=-1 if op.restartable else 0, **resources,
+                max_restarts=0 if op.stateful else -1,
+                # Ray Data lets actor tasks run out of order (it reorders only the outputs): a stateful stage
+                # must see the batches in input order, as in the local executor.
+                allow_out_of_order_execution=not op.stateful, **resources,
             )

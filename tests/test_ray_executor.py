@@ -19,7 +19,7 @@ from curate.errors import UserError
 from curate.executor import LocalExecutor, StageError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
-from curate.rundir import RunDir
+from curate.rundir import RunDir, RunState
 
 ray = pytest.importorskip("ray", reason="the Ray executor is the optional extra `ray`")
 from curate.ray_executor import RayExecutor, plan_operators
@@ -181,8 +181,19 @@ def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(tmp
     stages = {spec.label: spec.build() for spec in recipe.stages}
     ops = {tuple(op.labels): op for op in plan_operators(recipe.stages, stages, workers=6, cluster_gpus=4)}
     assert ops[("image_integrity",)].actors is None and ops[("image_integrity",)].prepare == "image_dedup"
-    assert ops[("image_dedup",)].actors == (1, 1) and not ops[("image_dedup",)].restartable
+    assert ops[("image_dedup",)].actors == (1, 1) and ops[("image_dedup",)].stateful
     assert ops[("format", "execution_failure", "consistency")].actors == (1, 6)  # sandbox pools: actors
     probe = ops[("base_model_solvable",)]
     assert (probe.actors, probe.num_gpus) == ((4, 4), 1.0)
     assert ops[("strategic_tool_judge",)].actors == (1, 1) and ops[("strategic_tool_judge",)].num_cpus == 0
+
+
+def test_stateful_stage_actor_runs_batches_in_order_and_is_never_restarted(cluster: str, tmp_path: Path) -> None:
+    recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml", profile="local")
+    stages = {spec.label: spec.build() for spec in recipe.stages}
+    (index,) = [op for op in plan_operators(recipe.stages, stages, workers=2, cluster_gpus=0) if op.stateful]
+    executor = RayExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False)
+    mapped = executor._add(ray, ray.data.range(1), index, RunState(recipe.sha256), workers=2)
+    # Ray Data's default lets actor tasks run out of order (it reorders only their outputs).
+    assert mapped._logical_plan.dag.ray_remote_args == {"max_restarts": 0, "allow_out_of_order_execution": False,
+                                                        "num_cpus": 0.0}
