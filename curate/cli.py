@@ -182,6 +182,10 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Tokens per turn.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--updates-per-step", type=int, default=1, show_default=True, help="Minibatches per step.")
+@click.option("--generation", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
+              help="Rollout sampler: the policy's own generate, or vLLM on its GPU (weights loaded after every update).")
+@click.option("--vllm-memory", type=float, default=0.3, show_default=True,
+              help="Share of the GPU's memory vLLM may take beside the policy (with --generation vllm).")
 @click.option("--judge-backend", type=click.Choice(["gemini", "openai", "transformers"]),
               help="An LLM judge (CORRECT / INCORRECT) for answers the verification rules cannot decide.")
 @click.option("--judge-model", help="The judge's model (with --judge-backend).")
@@ -191,8 +195,8 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
                        save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
                        w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, temperature: float,
-                       updates_per_step: int, judge_backend: str | None, judge_model: str | None,
-                       judge_base_url: str | None, cache_path: Path) -> None:
+                       updates_per_step: int, generation: str, vllm_memory: float, judge_backend: str | None,
+                       judge_model: str | None, judge_base_url: str | None, cache_path: Path) -> None:
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
     from curate.train.hdpo import HDPOConfig, train_hdpo
 
@@ -210,7 +214,7 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
     config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
                         alpha, lr or 1e-6, updates_per_step=updates_per_step, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, temperature=temperature, save_every=save_every, seed=seed,
-                        device=device)
+                        device=device, generation=generation, vllm_memory=vllm_memory)  # type: ignore[arg-type]
     try:
         click.echo(f"checkpoint: {train_hdpo(config, judge)}")
     finally:

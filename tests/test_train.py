@@ -48,14 +48,14 @@ def test_rollout_masks_observations_and_runs_the_code_in_the_sandbox(tmp_path: P
         engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=2, max_new_tokens=8, max_tokens=200))
         rollout = engine.start(prompt)
         code_turn = '<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>'
-        engine._advance(rollout, loaded.tokenizer(code_turn, add_special_tokens=False).input_ids)
+        engine.advance([rollout], [loaded.tokenizer(code_turn, add_special_tokens=False).input_ids])
         assert rollout.tool_calls == 1 and not rollout.done and rollout.cells == ["print(6*7)"]
         policy = torch.tensor(rollout.policy_mask).bool()
         ids = torch.tensor(rollout.ids)
         assert loaded.tokenizer.decode(ids[policy]) == code_turn
         observed = loaded.tokenizer.decode(ids[~policy])
         assert "<tool_response>\n42\n</tool_response>" in observed and observed.endswith("<|im_start|>assistant\n")
-        engine._advance(rollout, loaded.tokenizer('{"broken": <tool_call>x</tool_call>', add_special_tokens=False).input_ids)
+        engine.advance([rollout], [loaded.tokenizer('{"broken": <tool_call>x</tool_call>', add_special_tokens=False).input_ids])
         assert rollout.tool_calls == 2 and "Error: <tool_call> is not valid JSON" in loaded.tokenizer.decode(rollout.ids)
         finished = engine.run([engine.start(prompt) for _ in range(3)])  # sampled turns until every rollout ends
     assert all(r.done and r.policy_mask[-1] == 1 for r in finished)

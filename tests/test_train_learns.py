@@ -1,5 +1,5 @@
 """It learns: on the toy tool task of `toy_policy`, HDPO drops the tool calls that prompts do not need while
-accuracy holds, on CPU in about a minute and a half (two cores).
+accuracy holds, on CPU in about a minute (two cores).
 
 Three stages, each through the trainer's own entry points:
 1. a base model (`train_sft`): copy prompts answered directly, plus tool trajectories of both kinds. It stands

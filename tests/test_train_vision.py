@@ -42,8 +42,9 @@ from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.chat import ChatEncoder, policy_turns
 from curate.train.hdpo import HDPOConfig, hdpo_step
-from curate.train.rollout import RolloutConfig, RolloutEngine
+from curate.train.rollout import RolloutConfig, RolloutEngine, placeholder_ids
 from curate.train.sft import SFTConfig, encode_examples, train_sft
+from curate.train.vllm_turns import turn_request, turn_sampling
 from curate.verify import Verification
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -242,10 +243,30 @@ def test_vision_rollout_continues_with_the_image_after_a_tool_turn(tiny_vl: Path
         rollout = engine.start(picture_prompt())
         code = '<tool_call>{"name": "python", "arguments": {"code": "print(image_1.size)"}}</tool_call>'
         first = tokenizer(code, add_special_tokens=False).input_ids
-        engine._advance(rollout, first)
+        engine.advance([rollout], [first])
         assert "<tool_response>\n(64, 64)\n</tool_response>" in tokenizer.decode(rollout.ids)  # the image, preloaded
         (finished,) = engine.run([rollout])
     assert finished.done and len(finished.turns) == 2 and pixels == [False] and len(typed) > 1 and all(typed)
     policy = torch.tensor(finished.policy_mask).bool()
     ids = torch.tensor(finished.ids)
     assert policy.sum() > len(first) and not (ids[policy] == loaded.processor.image_token_id).any()
+
+
+def test_vllm_request_folds_each_image_to_the_placeholder_vllm_expands_again(tiny_vl: Path) -> None:
+    """vLLM takes a token prompt with one `<|image_pad|>` per image next to the image and expands it itself: the
+    folded ids, expanded by the processor from the same image, are the rollout's ids again."""
+    loaded = load_model(str(tiny_vl), "cpu", "float32")
+    processor, tokenizer = loaded.processor, loaded.tokenizer
+    with Sandbox(SandboxOptions(timeout=10, cpu_seconds=10)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256))
+        rollout = engine.start(picture_prompt())
+        code = '<tool_call>{"name": "python", "arguments": {"code": "print(image_1.size)"}}</tool_call>'
+        engine.advance([rollout], [tokenizer(code, add_special_tokens=False).input_ids])
+    request = turn_request(rollout, placeholder_ids(loaded))
+    folded, images = request["prompt_token_ids"], request["multi_modal_data"]["image"]
+    assert rollout.ids.count(processor.image_token_id) == 4 and folded.count(processor.image_token_id) == 1
+    assert len(images) == 1 and images[0].size == (64, 64)
+    expanded = processor(text=[tokenizer.decode(folded)], images=images, return_tensors="pt")["input_ids"][0].tolist()
+    assert expanded == rollout.ids
+    assert turn_sampling(engine.config, placeholder_ids(loaded))["logit_bias"] == {
+        processor.image_token_id: -100.0, processor.video_token_id: -100.0}

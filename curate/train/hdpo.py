@@ -5,7 +5,8 @@ One step, read top to bottom in `hdpo_step`:
 2. score them: `r_acc = 0.9·answer + 0.1·format`, `r_tool = 1/(T+1)` for correct answers, else 0;
 3. advantages: accuracy by GRPO over the G rollouts, tool efficiency by GRPO among the correct ones only
    (zero where fewer than two are correct) — or one coupled advantage for the `coupled` baseline;
-4. one or more clipped-surrogate updates on `w_acc·L(A_acc) + w_tool·L(A_tool)`, observations masked;
+4. one or more clipped-surrogate updates on `w_acc·L(A_acc) + w_tool·L(A_tool)`, observations masked,
+   then the rollout sampler takes the new weights (a no-op for transformers, a weight load for vLLM);
 5. metrics to `hdpo_log.jsonl` and the progress bar; checkpoints that resume with the optimizer.
 """
 
@@ -65,6 +66,9 @@ class HDPOConfig:
     seed: int = 0
     device: str = "auto"
     sandbox_timeout: float = 20.0  # Metis: 20 s per call
+    sandbox_workers: int = 2  # tool calls of one round of turns run at once
+    generation: Literal["transformers", "vllm"] = "transformers"
+    vllm_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the policy
     resume: bool = True
 
 
@@ -149,6 +153,7 @@ def hdpo_step(loaded: LoadedModel, engine: RolloutEngine, optimizer: torch.optim
     adv_acc, adv_tool, rho = advantages(scores, config)
     loaded.net.train()
     losses = update(loaded, optimizer, rollouts, adv_acc, adv_tool, config)
+    engine.turns.load_policy(loaded.net)
     calls = scores["tool_calls"].float()
     return {"accuracy": float(scores["correct"].float().mean()), "format": float(scores["format"].float().mean()),
             "tool_call_rate": float((calls > 0).float().mean()), "mean_tool_calls": float(calls.mean()),
@@ -163,9 +168,16 @@ def train_hdpo(config: HDPOConfig, judge: Judge | None = None) -> Path:
     torch.manual_seed(config.seed)
     loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
     prompts = [s for s in load_samples(config.shards) if s.answer not in (None, "", [])]
-    sandbox = Sandbox(SandboxOptions(timeout=config.sandbox_timeout, cpu_seconds=int(config.sandbox_timeout)))
-    engine = RolloutEngine(loaded, sandbox, RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens,
-                                                          config.temperature))
+    rollout_config = RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens, config.temperature)
+    turns = None
+    if config.generation == "vllm":
+        from curate.train.vllm_turns import VLLMTurns
+
+        turns = VLLMTurns(loaded, config.model, rollout_config, config.vllm_memory, config.seed)
+        turns.load_policy(loaded.net)  # a resumed run continues from its checkpoint's weights, not the base model's
+    sandbox = Sandbox(SandboxOptions(timeout=config.sandbox_timeout, cpu_seconds=int(config.sandbox_timeout),
+                                     parallelism=config.sandbox_workers))
+    engine = RolloutEngine(loaded, sandbox, rollout_config, turns)
     verify = AnswerVerifier(judge=judge)
     config.out.mkdir(parents=True, exist_ok=True)
     try:

@@ -6,11 +6,16 @@ the input images preloaded as `image_1, ...`, as the filters run them) and its o
 user turn. The policy's tokens are kept exactly as sampled and marked in `policy_mask`; observation and
 template tokens are appended as ids and masked, so nothing is ever re-tokenised. A rollout ends when a
 turn makes no call, after `max_turns` calls and one more turn to answer, or at `max_tokens`.
+
+Turns are sampled for all unfinished rollouts at once by a `TurnSampler`: the policy's own `generate`
+(`TransformersTurns`, CPU or GPU), or vLLM holding a copy of the policy's weights that is refreshed after
+every update (`curate.train.vllm_turns`). The calls of one round of turns run in the sandbox together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -18,7 +23,7 @@ from curate.formats import MalformedRow
 from curate.formats.inline import parse_calls
 from curate.generation.hf import LoadedModel
 from curate.sample import Message, Sample, TextPart
-from curate.sandbox import Sandbox
+from curate.sandbox import Sandbox, TrajectoryResult
 from curate.sandbox.trajectory import sandbox_job
 from curate.train.chat import ChatEncoder, observation, prompt_turns
 from curate.train.sft import right_padded
@@ -54,40 +59,45 @@ class RolloutConfig:
     top_p: float = 1.0
 
 
-class RolloutEngine:
-    def __init__(self, loaded: LoadedModel, sandbox: Sandbox, config: RolloutConfig) -> None:
-        self.loaded, self.sandbox, self.config = loaded, sandbox, config
+class TurnSampler(Protocol):
+    """Where a rollout's next turn comes from: the policy itself (`TransformersTurns`), or an inference engine
+    holding a copy of its weights (`curate.train.vllm_turns.VLLMTurns`)."""
+
+    def sample(self, rollouts: list[Rollout]) -> list[list[int]]:
+        """One turn's new token ids per rollout: up to `</tool_call>`, or up to and including the end of turn."""
+        ...
+
+    def load_policy(self, net: torch.nn.Module) -> None:
+        """Called after every update: sample from the policy's new weights from now on."""
+        ...
+
+
+def placeholder_ids(loaded: LoadedModel) -> list[int]:
+    """The ids a vision-language processor reserves for pixel features (`<|image_pad|>`, `<|video_pad|>`): a
+    rollout that sampled one would hold more placeholders than features, which the model cannot read."""
+    processor = loaded.processor if loaded.vision else None
+    return [i for name in ("image_token_ids", "video_token_ids") for i in getattr(processor, name, None) or []
+            if i is not None]
+
+
+class TransformersTurns:
+    """Turns sampled by `generate` of the policy being trained (it always has the latest weights)."""
+
+    def __init__(self, loaded: LoadedModel, config: RolloutConfig) -> None:
+        self.loaded, self.config = loaded, config
         self.encoder = ChatEncoder(loaded.processor, loaded.vision)
         self.tokenizer = loaded.tokenizer
-        # A minimal chat ending in an assistant turn: what the template writes after it closes the
-        # policy's turn, and rendering an observation after it shows how the template writes a user turn.
-        self._context = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
-        self._context_text = self.encoder.text(self._context, [], generation_prompt=False)
-        self._turn_end = self._context_text[self._context_text.index(_SENTINEL) + 1:]  # e.g. `<|im_end|>\n`
-        # The ids a vision-language processor reserves for pixel features (`<|image_pad|>`, `<|video_pad|>`): a
-        # rollout that sampled one would hold more placeholders than features, which the model cannot read.
-        processor = loaded.processor if loaded.vision else None
-        self._placeholders = [i for name in ("image_token_ids", "video_token_ids")
-                              for i in getattr(processor, name, None) or [] if i is not None]
+        self._placeholders = placeholder_ids(loaded)
 
-    def start(self, sample: Sample) -> Rollout:
-        turns = prompt_turns(sample)
-        ids, vision = self.encoder.ids(turns, sample.images, generation_prompt=True)
-        _, files, preload = sandbox_job(Sample(sample.id, sample.source, turns, sample.images))
-        return Rollout(sample, ids, [0] * len(ids), vision, files, preload)
+    def sample(self, rollouts: list[Rollout]) -> list[list[int]]:
+        groups = [[r] for r in rollouts] if self.loaded.vision else [rollouts]  # pixel inputs do not batch
+        return [new for group in groups for new in self._generate(group)]
 
-    def run(self, rollouts: list[Rollout]) -> list[Rollout]:
-        """Generate turn after turn until every rollout is done."""
-        while active := [r for r in rollouts if not r.done]:
-            groups = [[r] for r in active] if self.loaded.vision else [active]  # pixel inputs do not batch
-            for group in groups:
-                for rollout, new in zip(group, self._generate(group), strict=True):
-                    self._advance(rollout, new)
-        return rollouts
+    def load_policy(self, net: torch.nn.Module) -> None:
+        """Nothing to do: the sampler is the policy."""
 
     @torch.inference_mode()
     def _generate(self, rollouts: list[Rollout]) -> list[list[int]]:
-        """One turn's new tokens per rollout: up to `</tool_call>`, or up to and including the end of turn."""
         pad = self.tokenizer.pad_token_id
         width = max(len(r.ids) for r in rollouts)
         ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rollouts], device=self.loaded.device)
@@ -106,7 +116,45 @@ class RolloutEngine:
             new_tokens.append(row[:end] if called or end == len(row) else row[: end + 1])
         return new_tokens
 
-    def _advance(self, rollout: Rollout, new: list[int]) -> None:
+
+class RolloutEngine:
+    def __init__(self, loaded: LoadedModel, sandbox: Sandbox, config: RolloutConfig,
+                 turns: TurnSampler | None = None) -> None:
+        self.loaded, self.sandbox, self.config = loaded, sandbox, config
+        self.turns = turns or TransformersTurns(loaded, config)
+        self.encoder = ChatEncoder(loaded.processor, loaded.vision)
+        self.tokenizer = loaded.tokenizer
+        # A minimal chat ending in an assistant turn: what the template writes after it closes the
+        # policy's turn, and rendering an observation after it shows how the template writes a user turn.
+        self._context = [Message("user", [TextPart("q")]), Message("assistant", [TextPart(_SENTINEL)])]
+        self._context_text = self.encoder.text(self._context, [], generation_prompt=False)
+        self._turn_end = self._context_text[self._context_text.index(_SENTINEL) + 1:]  # e.g. `<|im_end|>\n`
+
+    def start(self, sample: Sample) -> Rollout:
+        turns = prompt_turns(sample)
+        ids, vision = self.encoder.ids(turns, sample.images, generation_prompt=True)
+        _, files, preload = sandbox_job(Sample(sample.id, sample.source, turns, sample.images))
+        return Rollout(sample, ids, [0] * len(ids), vision, files, preload)
+
+    def run(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """Generate turn after turn until every rollout is done."""
+        while active := [r for r in rollouts if not r.done]:
+            self.advance(active, self.turns.sample(active))
+        return rollouts
+
+    def advance(self, rollouts: list[Rollout], new_turns: list[list[int]]) -> None:
+        """Append each rollout's new turn; the calls the turns make run in the sandbox together, one warm
+        worker each, and their outputs come back as the next user turns."""
+        calling = [(rollout, text) for rollout, new in zip(rollouts, new_turns, strict=True)
+                   if (text := self._append_turn(rollout, new)) is not None]
+        for (rollout, _), output in zip(calling, self._tool_outputs(calling), strict=True):
+            suffix = self._suffix_ids(output)
+            rollout.ids += suffix
+            rollout.policy_mask += [0] * len(suffix)
+            rollout.done = len(rollout.ids) >= self.config.max_tokens
+
+    def _append_turn(self, rollout: Rollout, new: list[int]) -> str | None:
+        """Append the policy's tokens; the turn's text if it calls the tool, None when the rollout is done."""
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         rollout.ids += new
         rollout.policy_mask += [1] * len(new)
@@ -114,15 +162,24 @@ class RolloutEngine:
         calls_left = rollout.tool_calls < self.config.max_turns
         if STOP not in text or not calls_left or len(rollout.ids) >= self.config.max_tokens:
             rollout.done = True
-            return
+            return None
         rollout.tool_calls += 1
-        suffix = self._suffix_ids(self._tool_output(rollout, text))
-        rollout.ids += suffix
-        rollout.policy_mask += [0] * len(suffix)
-        rollout.done = len(rollout.ids) >= self.config.max_tokens
+        return text
 
-    def _tool_output(self, rollout: Rollout, text: str) -> str:
-        """What the tool answers to the turn's call: the python cell's output, or why it could not run."""
+    def _tool_outputs(self, calling: list[tuple[Rollout, str]]) -> list[str]:
+        """What the tool answers to each turn's call: the python cell's output, or why it could not run."""
+        outputs = [self._add_cell(rollout, text) for rollout, text in calling]
+        runnable = [index for index, problem in enumerate(outputs) if problem is None]
+        results = self.sandbox.run_many([(calling[i][0].cells, calling[i][0].files, calling[i][0].preload)
+                                         for i in runnable])
+        for index, result in zip(runnable, results, strict=True):
+            outputs[index] = self._outcome(calling[index][0], result)
+        return outputs  # type: ignore[return-value]
+
+    @staticmethod
+    def _add_cell(rollout: Rollout, text: str) -> str | None:
+        """Add the call's code to the rollout's cells and return None; or return the error the policy reads
+        instead when the turn holds no python call with code."""
         try:
             _, calls = parse_calls(text[text.rfind("<tool_call>"):])
         except MalformedRow as error:
@@ -132,7 +189,10 @@ class RolloutEngine:
         if not calls or calls[-1].code is None:
             return f"Error: {problem}; write <tool_call>{{\"name\": \"python\", \"arguments\": {{\"code\": \"...\"}}}}</tool_call>"
         rollout.cells.append(calls[-1].code)
-        result = self.sandbox.run(rollout.cells, rollout.files, rollout.preload)
+        return None
+
+    @staticmethod
+    def _outcome(rollout: Rollout, result: TrajectoryResult) -> str:
         if len(result.cells) < len(rollout.cells):
             rollout.cells.pop()
             return f"Error: {result.status}: {result.detail}"
