@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
+from curate.errors import UserError
 from curate.formats import get_format
 from curate.generation.hf import LoadedModel, load_model
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
@@ -270,3 +272,17 @@ def test_vllm_request_folds_each_image_to_the_placeholder_vllm_expands_again(tin
     assert expanded == rollout.ids
     assert turn_sampling(engine.config, placeholder_ids(loaded))["logit_bias"] == {
         processor.image_token_id: -100.0, processor.video_token_id: -100.0}
+
+
+@pytest.mark.skipif(is_torchvision_available(), reason="with torchvision the stock processor loads")
+def test_a_qwen_vl_checkpoint_without_torchvision_stops_with_one_line(tiny_vl: Path, tmp_path: Path) -> None:
+    """A real Qwen2-VL checkpoint names the stock processor, whose video part transformers cannot build without
+    torchvision: loading it says so, instead of transformers' "Can't load video processor" error."""
+    stock = tmp_path / "stock"
+    shutil.copytree(tiny_vl, stock)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((stock / name).read_text())
+        config["processor_class"] = "Qwen2VLProcessor"
+        (stock / name).write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"its processor has a video part, which transformers builds with torchvision"):
+        load_model(str(stock), "cpu", "float32")

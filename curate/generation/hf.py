@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from curate.errors import UserError
 from curate.generation import Prompt, SamplingParams, pil_images, render_chat
 from curate.models import resolve_model
 
@@ -30,13 +31,13 @@ class LoadedModel:
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Any causal LM, or a vision-language model with its processor, as transformers loads it (GGUF files
     and `smollm2-135m` through `curate.models`). The tokenizer pads on the left, as generation needs."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = resolve_model(model)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(model, path)
     vision = hasattr(processor, "image_processor")
     tokenizer = processor.tokenizer if vision else processor
     tokenizer.padding_side = "left"
@@ -46,6 +47,21 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
     model_class = AutoModelForImageTextToText if vision and vision_config else AutoModelForCausalLM
     net = model_class.from_pretrained(path, dtype=torch_dtype).to(device)
     return LoadedModel(net, processor, tokenizer, vision, device)
+
+
+def load_processor(model: str, path: str) -> Any:
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except OSError as error:
+        # transformers 5 builds every video processor with torchvision, and Qwen-VL processors have one.
+        if "video processor" in str(error) and not is_torchvision_available():
+            raise UserError(f"model {model}: its processor has a video part, which transformers builds with "
+                            "torchvision: install torchvision matching your torch (e.g. torch==2.14.1 "
+                            "torchvision==0.29.1)") from None
+        raise
 
 
 class TransformersGenerator:

@@ -13,6 +13,7 @@ from typing import Any
 
 from curate.errors import UserError
 from curate.generation import Prompt, SamplingParams, pil_images, render_chat
+from curate.generation.hf import load_processor
 from curate.models import resolve_model
 
 
@@ -44,14 +45,14 @@ class VLLMGenerator:
         except ImportError:
             raise UserError("backend 'vllm' needs vLLM on a GPU machine: pip install 'curate[gpu]', "
                             "or use backend 'transformers' (the --local profile does)") from None
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         self.model = model
         self.calls = 0
         self.progress = progress
         path = resolve_model(model)
         self.vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
-        self.template_owner = AutoProcessor.from_pretrained(path)
+        self.template_owner = load_processor(model, path)
         engine_args: dict[str, Any] = {
             "model": path, "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
             "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "dtype": dtype}
