@@ -14,7 +14,7 @@ from conftest import png_bytes
 from PIL import Image as PILImage
 
 from curate.errors import UserError
-from curate.formats import MalformedRow, get_format, records, sniff_format
+from curate.formats import MalformedRow, count_records, get_format, records, sniff_format
 from curate.formats.inline import (
     link_calls,
     parse_calls,
@@ -466,6 +466,11 @@ def test_unreadable_files_stop_with_one_line(tmp_path: Path) -> None:
     broken.write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match="broken.parquet: unreadable parquet"):
         list(records(broken))
+    pq.write_table(pa.table({"messages": ["[]"] * 100}), tmp_path / "whole.parquet")
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes((tmp_path / "whole.parquet").read_bytes()[:-40])  # a copy stopped before its footer ended
+    with pytest.raises(UserError, match="cut.parquet: unreadable parquet.*check the file is complete"):
+        count_records(cut)  # what the executors call first, for the progress bars
     with pytest.raises(UserError, match="unsupported file type '.csv'"):
         list(records(tmp_path / "x.csv"))
     table = pa.table({"messages": ["[]"]})

@@ -62,21 +62,24 @@ def records(path: Path, batch_rows: int = 256) -> Iterator[Any]:
             raise UserError(f"{path}: a JSON input must be an array of rows")
         yield from data
     elif suffix == ".parquet":
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as exc:
-            raise UserError(f"{path}: unreadable parquet ({exc}); check the file is complete") from exc
-        for batch in parquet.iter_batches(batch_size=batch_rows):
+        for batch in open_parquet(path).iter_batches(batch_size=batch_rows):
             yield from batch.to_pylist()
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a cut or foreign file
+        raise UserError(f"{path}: unreadable parquet ({exc}); check the file is complete") from exc
 
 
 def count_records(path: Path) -> int | None:
     """Row count when it is cheap to know (for progress bars), else None."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        return open_parquet(path).metadata.num_rows
     if suffix == ".jsonl":
         with path.open("rb") as handle:
             return sum(1 for line in handle if line.strip())
