@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,13 +17,13 @@ from conftest import REPO, assert_accounting, messages_row, shard_ids, write_jso
 from stage_fixtures import Explode, FirstN, HashBucket, Slow
 
 from curate.errors import UserError
-from curate.executor import LocalExecutor, StageError
+from curate.executor import LocalExecutor, SourceReader, StageError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
 from curate.rundir import RunDir, RunState
 
 ray = pytest.importorskip("ray", reason="the Ray executor is the optional extra `ray`")
-from curate.ray_executor import RayExecutor, plan_operators
+from curate.ray_executor import Failure, RayExecutor, plan_operators, read_batches
 
 for stage in (HashBucket, FirstN, Explode, Slow):
     register_stage(stage)
@@ -197,3 +198,15 @@ def test_stateful_stage_actor_runs_batches_in_order_and_is_never_restarted(clust
     # Ray Data's default lets actor tasks run out of order (it reorders only their outputs).
     assert mapped._logical_plan.dag.ray_remote_args == {"max_restarts": 0, "allow_out_of_order_execution": False,
                                                         "num_cpus": 0.0}
+
+
+def test_a_file_unreadable_when_its_read_task_runs_travels_as_its_one_line(tmp_path: Path) -> None:
+    """The driver counts every file before reading, so this only happens to a file changed in between: the read
+    task then carries the UserError, after the rows before it, for the driver to raise as it is."""
+    broken = tmp_path / "rows.json"
+    broken.write_text('[{"messages": []}, ')
+    (block,) = list(read_batches(0, SourceReader(broken, "messages"), 0, 8))
+    assert block["rows"].to_pylist() == [0]
+    carried = pickle.loads(block["payload"][0].as_py())
+    assert isinstance(carried, Failure) and isinstance(carried.error, UserError)
+    assert str(carried.error).startswith(f"{broken}: not valid JSON")
