@@ -186,6 +186,8 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
               help="Rollout sampler: the policy's own generate, or vLLM on its GPU (weights loaded after every update).")
 @click.option("--vllm-memory", type=float, default=0.3, show_default=True,
               help="Share of the GPU's memory vLLM may take beside the policy (with --generation vllm).")
+@click.option("--sandbox-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Warm sandbox workers: the tool calls of a round of turns run this many at once.")
 @click.option("--judge-backend", type=click.Choice(["gemini", "openai", "transformers"]),
               help="An LLM judge (CORRECT / INCORRECT) for answers the verification rules cannot decide.")
 @click.option("--judge-model", help="The judge's model (with --judge-backend).")
@@ -195,7 +197,8 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
                        save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
                        w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, temperature: float,
-                       updates_per_step: int, generation: str, vllm_memory: float, judge_backend: str | None,
+                       updates_per_step: int, generation: str, vllm_memory: float, sandbox_workers: int,
+                       judge_backend: str | None,
                        judge_model: str | None, judge_base_url: str | None, cache_path: Path) -> None:
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
     from curate.train.hdpo import HDPOConfig, train_hdpo
@@ -214,7 +217,8 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
     config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
                         alpha, lr or 1e-6, updates_per_step=updates_per_step, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, temperature=temperature, save_every=save_every, seed=seed,
-                        device=device, generation=generation, vllm_memory=vllm_memory)  # type: ignore[arg-type]
+                        device=device, generation=generation, vllm_memory=vllm_memory,  # type: ignore[arg-type]
+                        sandbox_workers=sandbox_workers)
     try:
         click.echo(f"checkpoint: {train_hdpo(config, judge)}")
     finally:
