@@ -61,6 +61,18 @@ def test_rollout_masks_observations_and_runs_the_code_in_the_sandbox(tmp_path: P
     assert all(r.done and r.policy_mask[-1] == 1 for r in finished)
 
 
+def test_a_text_only_policy_is_told_of_the_images_its_tool_showed(tmp_path: Path) -> None:
+    loaded = load_model(str(build_toy_policy(tmp_path / "toy")), "cpu", "float32")
+    call = ('<tool_call>{"name": "python", "arguments": {"code": "from PIL import Image\\n'
+            'Image.new(\'RGB\', (8, 8)).show()\\nprint(6*7)"}}</tool_call>')
+    with Sandbox(SandboxOptions(timeout=5, cpu_seconds=5)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=2, max_new_tokens=8, max_tokens=200))
+        rollout = engine.start(toy_prompt("p", "hash", 42))
+        engine.advance([rollout], [loaded.tokenizer(call, add_special_tokens=False).input_ids])
+    assert "<tool_response>\n42\n(1 image(s) not shown)\n</tool_response>" in loaded.tokenizer.decode(rollout.ids)
+    assert rollout.images == [] and rollout.vision == {}
+
+
 @pytest.mark.parametrize(("turns", "ok"), [
     (["<reason>x</reason><answer>4</answer>"], True),
     (["<reason>x</reason><tool_call>{}</tool_call>", "<reason>y</reason><answer>4</answer>"], True),

@@ -43,8 +43,8 @@ from curate.generation.hf import LoadedModel, load_model
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.chat import ChatEncoder, policy_turns
-from curate.train.hdpo import HDPOConfig, hdpo_step
-from curate.train.rollout import RolloutConfig, RolloutEngine, placeholder_ids
+from curate.train.hdpo import HDPOConfig, hdpo_step, rollout_logprobs
+from curate.train.rollout import RolloutConfig, RolloutEngine, padded, placeholder_ids
 from curate.train.sft import SFTConfig, encode_examples, train_sft
 from curate.train.vllm_turns import turn_request, turn_sampling
 from curate.verify import Verification
@@ -124,6 +124,10 @@ def picture_trajectory() -> Sample:
         Message("assistant", [], [ToolCall("python", {"code": "crop = image_1.crop((0, 0, 32, 32))"}, "c0")]),
         Message("tool", [TextPart("crop:"), ImagePart(1)], tool_call_id="c0"),
         Message("assistant", [TextPart("<answer>red</answer>")])], [png("red"), png("red", (32, 32))], "red")
+
+
+CROP_CALL = ('<tool_call>{"name": "python", "arguments": {"code": "image_1.crop((0, 0, 32, 32)).show()\\n'
+             'print(image_1.size)"}}</tool_call>')
 
 
 def picture_prompt() -> Sample:
@@ -254,20 +258,57 @@ def test_vision_rollout_continues_with_the_image_after_a_tool_turn(tiny_vl: Path
     assert policy.sum() > len(first) and not (ids[policy] == loaded.processor.image_token_id).any()
 
 
+def test_images_the_tool_shows_come_back_to_the_policy_in_its_observation(tiny_vl: Path) -> None:
+    """A call that shows a crop: the observation carries it as image tokens with its pixel inputs, and the next
+    turn is generated, and the rollout read for the loss, with both images (Qwen2-VL itself checks that image
+    features and image tokens match). Past `observation_images`, the observation says how many were left out."""
+    loaded = load_model(str(tiny_vl), "cpu", "float32")
+    tokenizer, pad = loaded.tokenizer, loaded.processor.image_token_id
+    images_seen: list[int] = []
+
+    def count_images(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        images_seen.append(len(kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]))
+
+    loaded.net.model.visual.register_forward_pre_hook(count_images, with_kwargs=True)  # each encoding of pixels
+    with Sandbox(SandboxOptions(timeout=10, cpu_seconds=10)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256))
+        rollout = engine.start(picture_prompt())
+        engine.advance([rollout], [tokenizer(CROP_CALL, add_special_tokens=False).input_ids])
+        assert len(rollout.images) == 2 and rollout.images[1].data[:4] == b"\x89PNG"
+        grid = rollout.vision["image_grid_thw"]
+        assert grid.shape[0] == 2 and rollout.vision["pixel_values"].shape[0] == grid.prod(-1).sum()
+        assert rollout.ids.count(pad) == int(grid.prod(-1).sum()) // MERGE**2 == 8  # 4 tokens each (56x56 at least)
+        observed = tokenizer.decode(torch.tensor(rollout.ids)[~torch.tensor(rollout.policy_mask).bool()])
+        assert "<tool_response>\n(64, 64)<|vision_start|><|image_pad|>" in observed
+        (finished,) = engine.run([rollout])
+        capped = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256,
+                                                              observation_images=1))
+        twice = capped.start(picture_prompt())
+        capped.advance([twice], [tokenizer(CROP_CALL.replace(".show()", ".show(); image_1.show()"),
+                                           add_special_tokens=False).input_ids])
+    assert len(finished.turns) == 2 and images_seen and set(images_seen) == {2}
+    batch = padded([finished], tokenizer.pad_token_id)
+    logprobs = rollout_logprobs(loaded, [finished], batch, 1.0)
+    logprobs.sum().backward()
+    assert torch.isfinite(logprobs).all() and images_seen[-1] == 2
+    assert loaded.net.model.visual.patch_embed.proj.weight.grad is not None
+    assert len(twice.images) == 2 and "(1 image(s) not shown)" in tokenizer.decode(twice.ids)
+
+
 def test_vllm_request_folds_each_image_to_the_placeholder_vllm_expands_again(tiny_vl: Path) -> None:
-    """vLLM takes a token prompt with one `<|image_pad|>` per image next to the image and expands it itself: the
-    folded ids, expanded by the processor from the same image, are the rollout's ids again."""
+    """vLLM takes a token prompt with one `<|image_pad|>` per image next to the images and expands them itself:
+    the folded ids, expanded by the processor from the same images (the prompt's and the one the tool showed),
+    are the rollout's ids again."""
     loaded = load_model(str(tiny_vl), "cpu", "float32")
     processor, tokenizer = loaded.processor, loaded.tokenizer
     with Sandbox(SandboxOptions(timeout=10, cpu_seconds=10)) as sandbox:
         engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256))
         rollout = engine.start(picture_prompt())
-        code = '<tool_call>{"name": "python", "arguments": {"code": "print(image_1.size)"}}</tool_call>'
-        engine.advance([rollout], [tokenizer(code, add_special_tokens=False).input_ids])
+        engine.advance([rollout], [tokenizer(CROP_CALL, add_special_tokens=False).input_ids])
     request = turn_request(rollout, placeholder_ids(loaded))
     folded, images = request["prompt_token_ids"], request["multi_modal_data"]["image"]
-    assert rollout.ids.count(processor.image_token_id) == 4 and folded.count(processor.image_token_id) == 1
-    assert len(images) == 1 and images[0].size == (64, 64)
+    assert rollout.ids.count(processor.image_token_id) == 8 and folded.count(processor.image_token_id) == 2
+    assert [image.size for image in images] == [(64, 64), (32, 32)]
     expanded = processor(text=[tokenizer.decode(folded)], images=images, return_tensors="pt")["input_ids"][0].tolist()
     assert expanded == rollout.ids
     assert turn_sampling(engine.config, placeholder_ids(loaded))["logit_bias"] == {

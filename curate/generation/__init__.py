@@ -88,7 +88,11 @@ def render_chat(template_owner: Any, prompt: Prompt, vision: bool) -> str:
 
 
 def pil_images(prompt: Prompt) -> list[PILImage.Image]:
-    return [PILImage.open(io.BytesIO(image.data)).convert("RGB") for image in prompt.shown_images()]
+    return [pil_image(image) for image in prompt.shown_images()]
+
+
+def pil_image(image: Image) -> PILImage.Image:
+    return PILImage.open(io.BytesIO(image.data)).convert("RGB")
 
 
 def data_url(image: Image) -> str:

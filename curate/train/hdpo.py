@@ -67,6 +67,7 @@ class HDPOConfig:
     device: str = "auto"
     sandbox_timeout: float = 20.0  # Metis: 20 s per call
     sandbox_workers: int = 2  # tool calls of one round of turns run at once
+    observation_images: int = 2  # images a call's output may show a vision-language policy
     generation: Literal["transformers", "vllm"] = "transformers"
     vllm_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the policy
     resume: bool = True
@@ -168,7 +169,8 @@ def train_hdpo(config: HDPOConfig, judge: Judge | None = None) -> Path:
     torch.manual_seed(config.seed)
     loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
     prompts = [s for s in load_samples(config.shards) if s.answer not in (None, "", [])]
-    rollout_config = RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens, config.temperature)
+    rollout_config = RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens, config.temperature,
+                                   observation_images=config.observation_images)
     turns = None
     if config.generation == "vllm":
         from curate.train.vllm_turns import VLLMTurns

@@ -10,6 +10,8 @@ turn makes no call, after `max_turns` calls and one more turn to answer, or at `
 Turns are sampled for all unfinished rollouts at once by a `TurnSampler`: the policy's own `generate`
 (`TransformersTurns`, CPU or GPU), or vLLM holding a copy of the policy's weights that is refreshed after
 every update (`curate.train.vllm_turns`). The calls of one round of turns run in the sandbox together.
+Images a call shows or saves come back to a vision-language policy in its observation (up to
+`observation_images` per call), through the processor, as the prompt's images do.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import torch
 
 from curate.formats import MalformedRow
 from curate.formats.inline import parse_calls
+from curate.generation import Prompt as ChatPrompt
+from curate.generation import pil_image
 from curate.generation.hf import LoadedModel
-from curate.sample import Message, Sample, TextPart
+from curate.sample import Image, ImagePart, Message, Part, Sample, TextPart
 from curate.sandbox import Sandbox, TrajectoryResult
 from curate.sandbox.trajectory import sandbox_job
-from curate.train.chat import ChatEncoder, observation, prompt_turns
+from curate.train.chat import PER_TOKEN, ChatEncoder, observation, prompt_turns
 from curate.train.sft import right_padded
 
 STOP = "</tool_call>"
@@ -40,6 +44,7 @@ class Rollout:
     vision: dict[str, torch.Tensor]
     files: dict[str, bytes]
     preload: list[str]
+    images: list[Image] = field(default_factory=list)  # every image in `ids`, in order: the prompt's, then the tool's
     cells: list[str] = field(default_factory=list)
     turns: list[str] = field(default_factory=list)  # the policy's text, turn by turn
     tool_calls: int = 0  # T: every call made, invalid ones included
@@ -57,6 +62,15 @@ class RolloutConfig:
     max_tokens: int = 4096  # whole rollout
     temperature: float = 1.0
     top_p: float = 1.0
+    observation_images: int = 2  # images a call's output may show a vision-language policy (the first ones)
+
+
+@dataclass
+class ToolOutput:
+    """What a call gives back: its printed text, and the images the cell showed or saved."""
+
+    text: str
+    images: list[Image] = field(default_factory=list)
 
 
 class TurnSampler(Protocol):
@@ -134,7 +148,8 @@ class RolloutEngine:
         turns = prompt_turns(sample)
         ids, vision = self.encoder.ids(turns, sample.images, generation_prompt=True)
         _, files, preload = sandbox_job(Sample(sample.id, sample.source, turns, sample.images))
-        return Rollout(sample, ids, [0] * len(ids), vision, files, preload)
+        shown = ChatPrompt(tuple(turns), tuple(sample.images)).shown_images() if self.loaded.vision else []
+        return Rollout(sample, ids, [0] * len(ids), vision, files, preload, shown)
 
     def run(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Generate turn after turn until every rollout is done."""
@@ -148,10 +163,7 @@ class RolloutEngine:
         calling = [(rollout, text) for rollout, new in zip(rollouts, new_turns, strict=True)
                    if (text := self._append_turn(rollout, new)) is not None]
         for (rollout, _), output in zip(calling, self._tool_outputs(calling), strict=True):
-            suffix = self._suffix_ids(output)
-            rollout.ids += suffix
-            rollout.policy_mask += [0] * len(suffix)
-            rollout.done = len(rollout.ids) >= self.config.max_tokens
+            self._append_observation(rollout, output)
 
     def _append_turn(self, rollout: Rollout, new: list[int]) -> str | None:
         """Append the policy's tokens; the turn's text if it calls the tool, None when the rollout is done."""
@@ -166,9 +178,9 @@ class RolloutEngine:
         rollout.tool_calls += 1
         return text
 
-    def _tool_outputs(self, calling: list[tuple[Rollout, str]]) -> list[str]:
+    def _tool_outputs(self, calling: list[tuple[Rollout, str]]) -> list[ToolOutput]:
         """What the tool answers to each turn's call: the python cell's output, or why it could not run."""
-        outputs = [self._add_cell(rollout, text) for rollout, text in calling]
+        outputs: list[ToolOutput | None] = [self._add_cell(rollout, text) for rollout, text in calling]
         runnable = [index for index, problem in enumerate(outputs) if problem is None]
         results = self.sandbox.run_many([(calling[i][0].cells, calling[i][0].files, calling[i][0].preload)
                                          for i in runnable])
@@ -177,7 +189,7 @@ class RolloutEngine:
         return outputs  # type: ignore[return-value]
 
     @staticmethod
-    def _add_cell(rollout: Rollout, text: str) -> str | None:
+    def _add_cell(rollout: Rollout, text: str) -> ToolOutput | None:
         """Add the call's code to the rollout's cells and return None; or return the error the policy reads
         instead when the turn holds no python call with code."""
         try:
@@ -187,25 +199,45 @@ class RolloutEngine:
         else:
             problem = "not a python call with code"
         if not calls or calls[-1].code is None:
-            return f"Error: {problem}; write <tool_call>{{\"name\": \"python\", \"arguments\": {{\"code\": \"...\"}}}}</tool_call>"
+            return ToolOutput(f"Error: {problem}; write <tool_call>{{\"name\": \"python\", \"arguments\": "
+                              f"{{\"code\": \"...\"}}}}</tool_call>")
         rollout.cells.append(calls[-1].code)
         return None
 
     @staticmethod
-    def _outcome(rollout: Rollout, result: TrajectoryResult) -> str:
+    def _outcome(rollout: Rollout, result: TrajectoryResult) -> ToolOutput:
         if len(result.cells) < len(rollout.cells):
             rollout.cells.pop()
-            return f"Error: {result.status}: {result.detail}"
-        cell = result.cells[-1]
+            return ToolOutput(f"Error: {result.status}: {result.detail}")
+        cell = result.cells[-1]  # earlier cells were replayed for their state: only the new one answers
         if cell.error:
             rollout.cells.pop()  # a failing cell leaves no state behind for the next call
-            return f"{cell.stdout}Error: {cell.error}"
-        return cell.stdout or "(no output)"
+            return ToolOutput(f"{cell.stdout}Error: {cell.error}")
+        return ToolOutput(cell.stdout or ("" if cell.images else "(no output)"), [Image(data) for data in cell.images])
 
-    def _suffix_ids(self, output: str) -> list[int]:
-        """Ids that close the policy's turn, carry the tool output as a user turn and open the next turn."""
-        after = self.encoder.text([*self._context, observation([TextPart(output)])], [], generation_prompt=True)
-        return self.tokenizer(self._turn_end + after[len(self._context_text):], add_special_tokens=False).input_ids
+    def _append_observation(self, rollout: Rollout, output: ToolOutput) -> None:
+        """Close the policy's turn, add the tool output as a user turn (with its images, for a vision-language
+        policy) and open the next turn: ids masked, pixel inputs appended in the order the ids show them."""
+        shown = output.images[: self.config.observation_images] if self.loaded.vision else []
+        text = output.text.rstrip()
+        if len(output.images) > len(shown):
+            text += f"\n({len(output.images) - len(shown)} image(s) not shown)"
+        parts: list[Part] = [TextPart(text), *(ImagePart(index) for index in range(len(shown)))]
+        after = self.encoder.text([*self._context, observation(parts)], shown, generation_prompt=True)
+        suffix = self._turn_end + after[len(self._context_text):]
+        if shown:
+            encoded = self.loaded.processor(text=[suffix], images=[pil_image(image) for image in shown],
+                                            return_tensors="pt")
+            ids = encoded["input_ids"][0].tolist()
+            for name, value in encoded.items():
+                if name not in PER_TOKEN:
+                    rollout.vision[name] = torch.cat([rollout.vision[name], value]) if name in rollout.vision else value
+        else:
+            ids = self.tokenizer(suffix, add_special_tokens=False).input_ids
+        rollout.ids += ids
+        rollout.policy_mask += [0] * len(ids)
+        rollout.images += shown
+        rollout.done = len(rollout.ids) >= self.config.max_tokens
 
 
 def padded(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:

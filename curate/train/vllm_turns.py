@@ -23,10 +23,9 @@ from typing import Any
 import torch
 
 from curate.errors import UserError
-from curate.generation import Prompt, pil_images
+from curate.generation import pil_image
 from curate.generation.hf import LoadedModel
 from curate.models import resolve_model
-from curate.train.chat import prompt_turns
 from curate.train.rollout import STOP, Rollout, RolloutConfig, placeholder_ids
 
 
@@ -41,11 +40,12 @@ def fold_placeholders(ids: list[int], placeholders: list[int]) -> list[int]:
 
 
 def turn_request(rollout: Rollout, placeholders: list[int]) -> dict[str, Any]:
-    """A vLLM token prompt continuing the rollout, with its images for a vision-language policy."""
-    images = pil_images(Prompt(tuple(prompt_turns(rollout.prompt)), tuple(rollout.prompt.images)))
-    if not (placeholders and images):
+    """A vLLM token prompt continuing the rollout, with its images (the prompt's, then the tool's) for a
+    vision-language policy."""
+    if not (placeholders and rollout.images):
         return {"prompt_token_ids": list(rollout.ids)}
-    return {"prompt_token_ids": fold_placeholders(rollout.ids, placeholders), "multi_modal_data": {"image": images}}
+    return {"prompt_token_ids": fold_placeholders(rollout.ids, placeholders),
+            "multi_modal_data": {"image": [pil_image(image) for image in rollout.images]}}
 
 
 def turn_sampling(config: RolloutConfig, placeholders: list[int]) -> dict[str, Any]:
@@ -84,8 +84,8 @@ class VLLMTurns:
             "model": resolve_model(model), "dtype": vllm_dtype(loaded.net.dtype), "seed": seed,
             "gpu_memory_utilization": gpu_memory_utilization, "enable_prefix_caching": True,
             "max_model_len": min(config.max_tokens + config.max_new_tokens, positions or 1 << 30)}
-        if loaded.vision:
-            engine_args["limit_mm_per_prompt"] = {"image": 8}
+        if loaded.vision:  # a prompt's images, and those each call may show
+            engine_args["limit_mm_per_prompt"] = {"image": 8 + config.max_turns * config.observation_images}
         self.llm = LLM(**engine_args)
 
     def sample(self, rollouts: list[Rollout]) -> list[list[int]]:
