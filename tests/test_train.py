@@ -73,6 +73,19 @@ def test_a_text_only_policy_is_told_of_the_images_its_tool_showed(tmp_path: Path
     assert rollout.images == [] and rollout.vision == {}
 
 
+def test_an_observation_that_would_reach_max_tokens_ends_the_rollout_without_it(tmp_path: Path) -> None:
+    """No turn would read it: a flood of output must not make the rollout (and the loss's forward) long."""
+    loaded = load_model(str(build_toy_policy(tmp_path / "toy")), "cpu", "float32")
+    call = '<tool_call>{"name": "python", "arguments": {"code": "print(\'ab \' * 2000)"}}</tool_call>'
+    call_ids = loaded.tokenizer(call, add_special_tokens=False).input_ids
+    with Sandbox(SandboxOptions(timeout=5, cpu_seconds=5)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=2, max_new_tokens=8, max_tokens=200))
+        rollout = engine.start(toy_prompt("p", "hash", 42))
+        before = len(rollout.ids)
+        engine.advance([rollout], [call_ids])
+    assert rollout.done and rollout.tool_calls == 1 and rollout.ids[before:] == call_ids and rollout.policy_mask[-1] == 1
+
+
 @pytest.mark.parametrize(("turns", "ok"), [
     (["<reason>x</reason><answer>4</answer>"], True),
     (["<reason>x</reason><tool_call>{}</tool_call>", "<reason>y</reason><answer>4</answer>"], True),

@@ -5,7 +5,8 @@ its turn; a call runs in the sandbox (one interpreter state per trajectory: earl
 the input images preloaded as `image_1, ...`, as the filters run them) and its output comes back in a
 user turn. The policy's tokens are kept exactly as sampled and marked in `policy_mask`; observation and
 template tokens are appended as ids and masked, so nothing is ever re-tokenised. A rollout ends when a
-turn makes no call, after `max_turns` calls and one more turn to answer, or at `max_tokens`.
+turn makes no call, after `max_turns` calls and one more turn to answer, or at `max_tokens` (an observation
+that would reach it is left out: no turn would read it).
 
 Turns are sampled for all unfinished rollouts at once by a `TurnSampler`: the policy's own `generate`
 (`TransformersTurns`, CPU or GPU), or vLLM holding a copy of the policy's weights that is refreshed after
@@ -216,8 +217,21 @@ class RolloutEngine:
         return ToolOutput(cell.stdout or ("" if cell.images else "(no output)"), [Image(data) for data in cell.images])
 
     def _append_observation(self, rollout: Rollout, output: ToolOutput) -> None:
-        """Close the policy's turn, add the tool output as a user turn (with its images, for a vision-language
-        policy) and open the next turn: ids masked, pixel inputs appended in the order the ids show them."""
+        """Close the policy's turn, add the tool output as a user turn and open the next turn: ids masked, the
+        output's images (for a vision-language policy) appended to the pixel inputs in the order the ids show them."""
+        ids, vision, shown = self._encode_observation(output)
+        if len(rollout.ids) + len(ids) >= self.config.max_tokens:
+            # No turn would follow it: leave the (masked) observation out, so a flood of output costs no memory.
+            rollout.done = True
+            return
+        rollout.ids += ids
+        rollout.policy_mask += [0] * len(ids)
+        rollout.images += shown
+        for name, value in vision.items():
+            rollout.vision[name] = torch.cat([rollout.vision[name], value]) if name in rollout.vision else value
+
+    def _encode_observation(self, output: ToolOutput) -> tuple[list[int], dict[str, torch.Tensor], list[Image]]:
+        """(ids, pixel inputs, images shown) of the template text between the policy's turn and its next one."""
         shown = output.images[: self.config.observation_images] if self.loaded.vision else []
         text = output.text.rstrip()
         if len(output.images) > len(shown):
@@ -225,19 +239,10 @@ class RolloutEngine:
         parts: list[Part] = [TextPart(text), *(ImagePart(index) for index in range(len(shown)))]
         after = self.encoder.text([*self._context, observation(parts)], shown, generation_prompt=True)
         suffix = self._turn_end + after[len(self._context_text):]
-        if shown:
-            encoded = self.loaded.processor(text=[suffix], images=[pil_image(image) for image in shown],
-                                            return_tensors="pt")
-            ids = encoded["input_ids"][0].tolist()
-            for name, value in encoded.items():
-                if name not in PER_TOKEN:
-                    rollout.vision[name] = torch.cat([rollout.vision[name], value]) if name in rollout.vision else value
-        else:
-            ids = self.tokenizer(suffix, add_special_tokens=False).input_ids
-        rollout.ids += ids
-        rollout.policy_mask += [0] * len(ids)
-        rollout.images += shown
-        rollout.done = len(rollout.ids) >= self.config.max_tokens
+        if not shown:
+            return self.tokenizer(suffix, add_special_tokens=False).input_ids, {}, []
+        encoded = self.loaded.processor(text=[suffix], images=[pil_image(image) for image in shown], return_tensors="pt")
+        return encoded["input_ids"][0].tolist(), {k: v for k, v in encoded.items() if k not in PER_TOKEN}, shown
 
 
 def padded(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
