@@ -180,6 +180,7 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 @click.option("--alpha", type=float, default=0.1, show_default=True, help="Tool penalty of --algo coupled.")
 @click.option("--max-turns", type=int, default=10, show_default=True, help="Tool calls per rollout.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Tokens per turn.")
+@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Tokens per rollout, prompt included.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--updates-per-step", type=int, default=1, show_default=True, help="Minibatches per step.")
 @click.option("--generation", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
@@ -196,10 +197,10 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
               help="SQLite cache of judge verdicts, shared with `curate run`.")
 def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
                        save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
-                       w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, temperature: float,
-                       updates_per_step: int, generation: str, vllm_memory: float, sandbox_workers: int,
-                       judge_backend: str | None,
-                       judge_model: str | None, judge_base_url: str | None, cache_path: Path) -> None:
+                       w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, max_tokens: int,
+                       temperature: float, updates_per_step: int, generation: str, vllm_memory: float,
+                       sandbox_workers: int, judge_backend: str | None, judge_model: str | None,
+                       judge_base_url: str | None, cache_path: Path) -> None:
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
     from curate.train.hdpo import HDPOConfig, train_hdpo
 
@@ -216,7 +217,8 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
 
     config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
                         alpha, lr or 1e-6, updates_per_step=updates_per_step, max_turns=max_turns,
-                        max_new_tokens=max_new_tokens, temperature=temperature, save_every=save_every, seed=seed,
+                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, temperature=temperature,
+                        save_every=save_every, seed=seed,
                         device=device, generation=generation, vllm_memory=vllm_memory,  # type: ignore[arg-type]
                         sandbox_workers=sandbox_workers)
     try:
