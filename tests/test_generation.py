@@ -1,5 +1,5 @@
 """Generation backends: the transformers backend on the real SmolLM2-135M-Instruct, vLLM's request
-construction (vLLM itself needs a GPU machine), and the model cache for GGUF files."""
+construction (vLLM itself needs a GPU machine: its test skips elsewhere), and the model cache for GGUF files."""
 
 from __future__ import annotations
 
@@ -85,6 +85,18 @@ def test_vllm_requests_carry_rendered_prompts_and_images() -> None:
 def test_vllm_backend_without_vllm_says_what_to_install() -> None:
     with pytest.raises(UserError, match="pip install 'curate\\[gpu\\]'"):
         make_generator(BackendSpec("vllm", SMOLLM2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+                    reason="vLLM runs on a GPU machine with the gpu extra installed")
+def test_vllm_backend_samples_n_completions_per_prompt_on_the_real_smollm2() -> None:
+    generator = make_generator(BackendSpec("vllm", SMOLLM2, {"gpu_memory_utilization": 0.3, "max_model_len": 2048}))
+    prompts = [question("What is 2+2?"), question("Name a colour.")]
+    sampled = generator.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=16, seed=0))
+    greedy = generator.generate(prompts[:1], 3, SamplingParams(temperature=0.0, max_tokens=16))
+    assert [len(completions) for completions in sampled] == [4, 4] and len(set(sampled[0])) > 1
+    assert len(greedy[0]) == 3 and len(set(greedy[0])) == 1 and greedy[0][0].strip()
+    assert generator.calls == 3
 
 
 def test_unknown_backend_names_the_choices() -> None:
