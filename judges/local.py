@@ -25,7 +25,7 @@ from annotated_types import Ge, Le
 from pydantic.fields import FieldInfo
 
 from curate.generation import Prompt, render_chat
-from curate.generation.hf import load_model
+from curate.generation.hf import cache_keyword, load_model
 from curate.sample import Message, TextPart
 from judges.backend import JudgeReply, JudgeRequest
 
@@ -153,6 +153,7 @@ class _Decoder:
         self.net, self.tokenizer, self.pad = net, tokenizer, tokenizer.pad_token_id
         self.device = net.device
         self.cache: Any = None
+        self.cache_keyword = cache_keyword(net)
         self.mask = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
         self.next_position = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.logprobs = torch.zeros(rows, 0, device=self.device)
@@ -177,9 +178,9 @@ class _Decoder:
         new = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunks], device=self.device)
         positions = self.next_position[:, None] + (new.cumsum(-1) - 1).clamp(min=0)
         self.mask = torch.cat([self.mask, new], dim=1)
-        output = self.net(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
-                          use_cache=True, logits_to_keep=keep)
-        self.cache = output.cache
+        output = self.net(input_ids=ids, attention_mask=self.mask, position_ids=positions,
+                          **{self.cache_keyword: self.cache}, use_cache=True, logits_to_keep=keep)
+        self.cache = getattr(output, self.cache_keyword)
         self.next_position = self.next_position + new.sum(-1)
         return output.logits.float().log_softmax(-1)
 

@@ -7,6 +7,7 @@ vision-language models (whose position ids depend on the image grid) use `num_re
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,12 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
     model_class = AutoModelForImageTextToText if vision and vision_config else AutoModelForCausalLM
     net = model_class.from_pretrained(path, dtype=torch_dtype).to(device)
     return LoadedModel(net, processor, tokenizer, vision, device)
+
+
+def cache_keyword(net: Any) -> str:
+    """The name a model's forward (and its output) gives the key/value cache: `cache` in recent transformers,
+    `past_key_values` before (as in the release the vLLM of the `gpu` extra pins)."""
+    return "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
 
 
 def load_processor(model: str, path: str) -> Any:
@@ -118,11 +125,12 @@ class TransformersGenerator:
         """Prefill each prompt (all but its last token) once, copy the cache n times, then sample n answers."""
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate derives from a left-padded mask
-        cache = self.net(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                         use_cache=True, logits_to_keep=1).cache
+        keyword = cache_keyword(self.net)
+        cache = getattr(self.net(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
+                                 position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1), keyword)
         cache.batch_repeat_interleave(n)
         return self.net.generate(input_ids=input_ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                                 cache=cache, max_new_tokens=max_tokens,
+                                 **{keyword: cache}, max_new_tokens=max_tokens,
                                  pad_token_id=self.tokenizer.pad_token_id, **sampling)
 
     def close(self) -> None:

@@ -66,6 +66,9 @@ class ChatEncoder:
         self.processor = processor
         self.vision = vision
         self.tokenizer = processor.tokenizer if vision else processor
+        # A model reads token types where its processor returns them (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); asking the
+        # processor holds across transformers releases, which changed how it says so.
+        self._typed = vision and "mm_token_type_ids" in processor(text=["x"])
 
     def text(self, turns: list[Message], images: list[Image], generation_prompt: bool) -> str:
         chat = ChatPrompt(tuple(turns), tuple(images))
@@ -82,11 +85,19 @@ class ChatEncoder:
         vision = {k: v for k, v in encoded.items() if k not in PER_TOKEN}
         return encoded["input_ids"][0].tolist(), vision
 
+    @property
+    def placeholders(self) -> list[int]:
+        """The ids a vision-language processor reserves for pixel features (`<|image_pad|>`, `<|video_pad|>`): their
+        count must match the pixel inputs' features, so no cut may fall among them and no policy may sample one."""
+        processor = self.processor if self.vision else None
+        return [i for name in ("image_token_ids", "video_token_ids") for i in getattr(processor, name, None) or []
+                if i is not None]
+
     def token_types(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token inputs the model needs besides ids and attention mask, for a batch of ids [rows, tokens]:
         `mm_token_type_ids` (text 0, image 1, video 2) for processors whose models read it (Qwen2-VL, Qwen2.5-VL,
         Qwen3-VL), computed by the processor from the ids themselves; nothing for other models."""
-        if not self.vision or not getattr(self.processor, "return_mm_token_type_ids", False):
+        if not self._typed:
             return {}
         types = self.processor.create_mm_token_type_ids(input_ids.tolist())
         return {"mm_token_type_ids": torch.tensor(types, dtype=torch.long, device=input_ids.device)}

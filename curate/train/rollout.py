@@ -88,11 +88,9 @@ class TurnSampler(Protocol):
 
 
 def placeholder_ids(loaded: LoadedModel) -> list[int]:
-    """The ids a vision-language processor reserves for pixel features (`<|image_pad|>`, `<|video_pad|>`): a
-    rollout that sampled one would hold more placeholders than features, which the model cannot read."""
-    processor = loaded.processor if loaded.vision else None
-    return [i for name in ("image_token_ids", "video_token_ids") for i in getattr(processor, name, None) or []
-            if i is not None]
+    """The image and video placeholder ids a policy must never sample: a rollout holding more of them than
+    image features cannot be read by the model."""
+    return ChatEncoder(loaded.processor, loaded.vision).placeholders
 
 
 class TransformersTurns:

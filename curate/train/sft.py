@@ -43,8 +43,7 @@ def encode_examples(samples: list[Sample], encoder: ChatEncoder, max_tokens: int
         encoded = encoder.encode(policy_turns(sample), sample.images)
         if encoded.loss_mask.sum() == 0:
             continue  # nothing to learn: no assistant turn
-        cut = encoder.token_types(encoded.input_ids[None, max_tokens:]).get("mm_token_type_ids")
-        if cut is not None and bool(cut.any()):
+        if any(token in encoder.placeholders for token in encoded.input_ids[max_tokens:].tolist()):
             continue  # the cut would drop image tokens while their pixel inputs stay: the model cannot read that
         encoded.input_ids, encoded.loss_mask = encoded.input_ids[:max_tokens], encoded.loss_mask[:max_tokens]
         examples.append(encoded)
