@@ -12,7 +12,7 @@ from conftest import png_bytes
 
 from curate.errors import UserError
 from curate.generation import BackendSpec, Prompt, SamplingParams, make_generator
-from curate.generation.hf import TransformersGenerator
+from curate.generation.hf import TransformersGenerator, cache_keyword
 from curate.generation.vllm import build_requests, sampling_kwargs
 from curate.models import SMOLLM2, resolve_model, smollm2_gguf
 from curate.sample import Image, ImagePart, Message, TextPart
@@ -97,6 +97,18 @@ def test_vllm_backend_samples_n_completions_per_prompt_on_the_real_smollm2() -> 
     assert [len(completions) for completions in sampled] == [4, 4] and len(set(sampled[0])) > 1
     assert len(greedy[0]) == 3 and len(set(greedy[0])) == 1 and greedy[0][0].strip()
     assert generator.calls == 3
+
+
+def test_the_cache_keyword_follows_the_model_forward(smol: TransformersGenerator) -> None:
+    """transformers renamed `past_key_values` to `cache` after 5.19 (the release the gpu extra's vLLM allows)."""
+
+    class OlderForward(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None) -> None: ...
+
+    with torch.no_grad():
+        output = smol.net(input_ids=torch.tensor([[1, 2, 3]], device=smol.device), use_cache=True)
+    assert getattr(output, cache_keyword(smol.net)) is not None  # the name the real model's output uses
+    assert cache_keyword(OlderForward()) == "past_key_values"
 
 
 def test_unknown_backend_names_the_choices() -> None:
