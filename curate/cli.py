@@ -189,6 +189,8 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
               help="Share of the GPU's memory vLLM may take beside the policy (with --generation vllm).")
 @click.option("--sandbox-workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Warm sandbox workers: the tool calls of a round of turns run this many at once.")
+@click.option("--observation-images", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Images one tool call may show a vision-language policy (the first ones; the rest are counted).")
 @click.option("--judge-backend", type=click.Choice(["gemini", "openai", "transformers"]),
               help="An LLM judge (CORRECT / INCORRECT) for answers the verification rules cannot decide.")
 @click.option("--judge-model", help="The judge's model (with --judge-backend).")
@@ -199,7 +201,7 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
                        save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
                        w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, max_tokens: int,
                        temperature: float, updates_per_step: int, generation: str, vllm_memory: float,
-                       sandbox_workers: int, judge_backend: str | None, judge_model: str | None,
+                       sandbox_workers: int, observation_images: int, judge_backend: str | None, judge_model: str | None,
                        judge_base_url: str | None, cache_path: Path) -> None:
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
     from curate.train.hdpo import HDPOConfig, train_hdpo
@@ -220,7 +222,7 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
                         max_new_tokens=max_new_tokens, max_tokens=max_tokens, temperature=temperature,
                         save_every=save_every, seed=seed,
                         device=device, generation=generation, vllm_memory=vllm_memory,  # type: ignore[arg-type]
-                        sandbox_workers=sandbox_workers)
+                        sandbox_workers=sandbox_workers, observation_images=observation_images)
     try:
         click.echo(f"checkpoint: {train_hdpo(config, judge)}")
     finally:

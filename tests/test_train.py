@@ -118,7 +118,8 @@ def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_ca
 
     out = tmp_path / "hdpo"
     args = ["train", "hdpo", str(rl_run), "--model", str(sft_checkpoint), "-o", str(out), "--prompts", "2",
-            "-G", "2", "--max-new-tokens", "24", "--max-turns", "1", "--sandbox-workers", "1", "--max-tokens", "3000"]
+            "-G", "2", "--max-new-tokens", "24", "--max-turns", "1", "--sandbox-workers", "1", "--max-tokens", "3000",
+            "--observation-images", "1"]
     curate_cli(*args, "--steps", "1")
     curate_cli(*args, "--steps", "2")  # resumes from checkpoint-000001 with its optimizer state
     log = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
@@ -130,6 +131,7 @@ def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_ca
     assert torch.load(checkpoint / "optimizer.pt")["step"] == 2
     settings = json.loads((checkpoint / "train_config.json").read_text())
     assert settings["sandbox_workers"] == 1 and settings["max_tokens"] == 3000 and settings["generation"] == "transformers"
+    assert settings["observation_images"] == 1
     reloaded = load_model(str(checkpoint), "cpu", "float32")
     assert reloaded.net.config.model_type == "llama"
     png = Path(curate_cli("train", "plot", str(out)).stdout.strip())
