@@ -170,14 +170,19 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 
 @train.command("hdpo")
 @_common_train_options
-@click.option("--algo", type=click.Choice(["hdpo", "grpo", "coupled"]), default="hdpo", show_default=True,
-              help="hdpo: two channels; grpo: accuracy only (w_tool 0); coupled: one reward r_acc - alpha·T.")
+@click.option("--algo", type=click.Choice(["hdpo", "grpo", "coupled", "otc"]), default="hdpo", show_default=True,
+              help="hdpo: two channels; grpo: accuracy only (w_tool 0); coupled: one reward r_acc - alpha·T; "
+                   "otc: OTC-GRPO's tool-integrated reward (fewest calls among the group's correct rollouts).")
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--prompts", "prompts_per_step", type=int, default=8, show_default=True, help="Prompts per step.")
 @click.option("--rollouts", "-G", type=int, default=16, show_default=True, help="Rollouts per prompt (G).")
 @click.option("--w-acc", type=float, default=1.0, show_default=True)
 @click.option("--w-tool", type=float, default=0.15, show_default=True)
 @click.option("--alpha", type=float, default=0.1, show_default=True, help="Tool penalty of --algo coupled.")
+@click.option("--otc-c", type=float, default=1.0, show_default=True,
+              help="OTC's smoothing constant c, in cos(m·pi/(2m+c)) for groups whose best answer needs no call.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Clip each update's gradient norm to this (0: no clip).")
 @click.option("--max-turns", type=int, default=10, show_default=True, help="Tool calls per rollout.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Tokens per turn.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Tokens per rollout, prompt included.")
@@ -199,8 +204,8 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
               help="SQLite cache of judge verdicts, shared with `curate run`.")
 def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
                        save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
-                       w_tool: float, alpha: float, max_turns: int, max_new_tokens: int, max_tokens: int,
-                       temperature: float, updates_per_step: int, generation: str, vllm_memory: float,
+                       w_tool: float, alpha: float, otc_c: float, max_grad_norm: float, max_turns: int,
+                       max_new_tokens: int, max_tokens: int, temperature: float, updates_per_step: int, generation: str, vllm_memory: float,
                        sandbox_workers: int, observation_images: int, judge_backend: str | None, judge_model: str | None,
                        judge_base_url: str | None, cache_path: Path) -> None:
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
@@ -218,7 +223,7 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
                          backend_options={"base_url": judge_base_url} if judge_base_url else {})
 
     config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
-                        alpha, lr or 1e-6, updates_per_step=updates_per_step, max_turns=max_turns,
+                        alpha, lr or 1e-6, otc_c, max_grad_norm, updates_per_step=updates_per_step, max_turns=max_turns,
                         max_new_tokens=max_new_tokens, max_tokens=max_tokens, temperature=temperature,
                         save_every=save_every, seed=seed,
                         device=device, generation=generation, vllm_memory=vllm_memory,  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from toy_policy import build_toy_policy, hashed, toy_prompt, toy_trajectory
 
 from curate.executor import LocalExecutor
 from curate.formats import get_format
@@ -22,6 +21,7 @@ from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.chat import ChatEncoder, policy_turns
 from curate.train.hdpo import format_ok
 from curate.train.rollout import RolloutConfig, RolloutEngine
+from curate.train.toy import build_toy_policy, hashed, toy_prompt, toy_trajectory
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_ca
     curate_cli(*args, "--steps", "2")  # resumes from checkpoint-000001 with its optimizer state
     log = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2]
-    for key in ("accuracy", "tool_call_rate", "mean_tool_calls", "qualifying_ratio", "loss_acc", "loss_tool",
-                "clip_frac_acc", "clip_frac_tool", "seconds"):
+    for key in ("accuracy", "tool_call_rate", "mean_tool_calls", "tool_productivity", "qualifying_ratio", "loss_acc",
+                "loss_tool", "clip_frac_acc", "clip_frac_tool", "grad_norm", "seconds"):
         assert all(key in entry for entry in log), key
     checkpoint = out / "checkpoint-000002"
     assert torch.load(checkpoint / "optimizer.pt")["step"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from curate.train.advantages import (
     accuracy_rewards,
     coupled_advantages,
     grpo_advantages,
+    otc_advantages,
+    otc_tool_rewards,
     qualifying_ratio,
     tool_advantages,
+    tool_productivity,
     tool_rewards,
 )
 from curate.train.loss import clipped_surrogate, hdpo_loss
@@ -62,6 +66,47 @@ def test_coupled_advantages_match_reference(alpha: float) -> None:
     r_acc = accuracy_rewards(correct, format_ok)
     expected = reference_grpo(r_acc - alpha * tool_calls)
     torch.testing.assert_close(coupled_advantages(r_acc, tool_calls, alpha), expected, atol=1e-5, rtol=0)
+
+
+def reference_otc(m: int, n: int, c: float) -> float:
+    """OTC-GRPO's r_tool for one rollout, written out as the paper's cases (arXiv 2504.14870)."""
+    f = 0 if m == n == 0 else m if n == 0 else 2 * n * m / (m + n)
+    if f == n == 0:
+        return 1.0
+    if n == 0:
+        return math.cos(m * math.pi / (2 * m + c))
+    return math.sin(f * math.pi / (2 * n))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("c", [1.0, 3.0])
+def test_otc_tool_rewards_match_the_papers_cases(seed: int, c: float) -> None:
+    correct, _, tool_calls = random_groups(seed)
+    expected = []
+    for row_correct, row_calls in zip(correct.tolist(), tool_calls.tolist(), strict=True):
+        solved = [m for m, ok in zip(row_calls, row_correct, strict=True) if ok]
+        n = min(solved) if solved else 0  # a group with no correct rollout: n = 0
+        expected.append([reference_otc(m, n, c) for m in row_calls])
+    torch.testing.assert_close(otc_tool_rewards(correct, tool_calls, c), torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_otc_rewards_by_hand() -> None:
+    correct = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    tool_calls = torch.tensor([[1, 2, 3, 0], [0, 1, 2, 0]])
+    # Row 0: n = 1; m = 2 gives f = 4/3, sin(2pi/3); m = 3 gives f = 3/2, sin(3pi/4); a wrong m = 0 gives sin(0).
+    # Row 1: n = 0; m = 0 gives 1, m = 1 gives cos(pi/3), m = 2 gives cos(2pi/5) (c = 1).
+    expected = torch.tensor([[1.0, math.sin(2 * math.pi / 3), math.sin(3 * math.pi / 4), 0.0],
+                             [1.0, 0.5, math.cos(2 * math.pi / 5), 1.0]])
+    torch.testing.assert_close(otc_tool_rewards(correct, tool_calls), expected, atol=1e-6, rtol=0)
+    # The advantage ranks correct rollouts by their calls; wrong ones (r_acc 0 here) come last.
+    advantages = otc_advantages(accuracy_rewards(correct, torch.zeros_like(correct)), correct, tool_calls)
+    assert advantages[0, 0] > advantages[0, 1] > advantages[0, 2] > advantages[0, 3]
+
+
+def test_tool_productivity() -> None:
+    correct = torch.tensor([[True, True, False, True]])
+    assert tool_productivity(correct, torch.tensor([[1, 2, 3, 0]])) == 0.5  # 3 correct over 6 calls
+    assert tool_productivity(correct, torch.zeros(1, 4, dtype=torch.long)) is None
 
 
 def test_rewards() -> None:

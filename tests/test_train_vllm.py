@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_policy import KINDS, build_toy_policy, toy_prompt
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.rollout import STOP, RolloutConfig, RolloutEngine, placeholder_ids
 from curate.train.sft import token_logprobs
+from curate.train.toy import KINDS, build_toy_policy, toy_prompt
 from curate.train.vllm_turns import turn_request, turn_sampling
 
 gpu = pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),

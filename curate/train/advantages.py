@@ -12,6 +12,8 @@ copies of 0.9 do not average to 0.9), which divided by std + eps = 1e-6 would be
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -52,6 +54,37 @@ def tool_advantages(r_tool: Tensor, eps: float = 1e-6) -> Tensor:
 def coupled_advantages(r_acc: Tensor, tool_calls: Tensor, alpha: float) -> Tensor:
     """The coupled baseline: one GRPO advantage of r_acc - alpha * T."""
     return grpo_advantages(r_acc - alpha * tool_calls.float())
+
+
+def otc_tool_rewards(correct: Tensor, tool_calls: Tensor, c: float = 1.0) -> Tensor:
+    """OTC-GRPO's tool-integrated coefficient r_tool (Wang et al., "Acting Less is Reasoning More", arXiv
+    2504.14870, section 3.2), for m = a rollout's tool calls and n = the optimal count, estimated as the fewest
+    calls among the correct rollouts of its group:
+
+        f(m, n) = 0 if m = n = 0;  m if n = 0;  2nm / (m + n) otherwise
+        r_tool  = 1 if f(m, n) = n = 0;  cos(m·pi / (2m + c)) if n = 0;  sin(f(m, n)·pi / (2n)) otherwise
+
+    so a correct rollout at the optimum gets 1 and each call past it less. The paper leaves n open for a group
+    with no correct rollout; here it is 0 there (OTC-PPO's cos form, which needs no estimate).
+    """
+    m = tool_calls.float()
+    n = torch.where(correct, m, torch.inf).amin(dim=-1, keepdim=True)
+    n = torch.where(n.isinf(), 0.0, n)
+    f = 2 * n * m / (m + n).clamp(min=1e-9)  # the harmonic mean of m and n; only read where n > 0
+    return torch.where(n == 0, torch.cos(m * math.pi / (2 * m + c)), torch.sin(f * math.pi / (2 * n.clamp(min=1))))
+
+
+def otc_advantages(r_acc: Tensor, correct: Tensor, tool_calls: Tensor, c: float = 1.0) -> Tensor:
+    """OTC-GRPO: one GRPO advantage of the tool-integrated reward alpha·r_tool·r_phi (2504.14870, eq. for
+    r^tool_phi), with r_phi = r_acc. alpha scales every reward of a group alike, which GRPO's standardisation
+    cancels, so it is left out."""
+    return grpo_advantages(otc_tool_rewards(correct, tool_calls, c) * r_acc)
+
+
+def tool_productivity(correct: Tensor, tool_calls: Tensor) -> float | None:
+    """OTC's tool productivity: correct answers per tool call (None where no call was made)."""
+    calls = int(tool_calls.sum())
+    return int(correct.sum()) / calls if calls else None
 
 
 def qualifying_ratio(r_tool: Tensor) -> float:

@@ -1,5 +1,6 @@
-"""Checkpoints: `save_pretrained` folders that load anywhere transformers does, plus the optimizer state
-and step so that training resumes where it stopped."""
+"""Checkpoints: `save_pretrained` folders that load anywhere transformers does, plus the optimizer state,
+the step and the random generators' states, so that training resumes where it stopped and a resumed run
+samples exactly what the uninterrupted one would have."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def save_checkpoint(out: Path, step: int, loaded: LoadedModel, optimizer: torch.
     shutil.rmtree(scratch, ignore_errors=True)
     loaded.net.save_pretrained(scratch)
     loaded.processor.save_pretrained(scratch)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, scratch / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": random_states()}, scratch / "optimizer.pt")
     (scratch / "train_config.json").write_text(json.dumps(config, indent=1, default=str))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)
@@ -40,7 +41,21 @@ def start_or_resume(out: Path, model: str, device: str, lr: float,
         return loaded, optimizer, 0
     state = torch.load(start / "optimizer.pt")
     optimizer.load_state_dict(state["optimizer"])
+    if "rng" in state:  # checkpoints written before the generators were saved resume with a fresh seed
+        restore_random_states(state["rng"])
     return loaded, optimizer, state["step"]
+
+
+def random_states() -> dict[str, Any]:
+    """torch's CPU generator (what CPU sampling draws from) and, where CUDA is up, each GPU's."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def latest_checkpoint(out: Path) -> Path | None:

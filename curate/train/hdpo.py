@@ -4,7 +4,8 @@ One step, read top to bottom in `hdpo_step`:
 1. roll out G trajectories for each of P prompts, with the python tool (`curate.train.rollout`);
 2. score them: `r_acc = 0.9·answer + 0.1·format`, `r_tool = 1/(T+1)` for correct answers, else 0;
 3. advantages: accuracy by GRPO over the G rollouts, tool efficiency by GRPO among the correct ones only
-   (zero where fewer than two are correct) — or one coupled advantage for the `coupled` baseline;
+   (zero where fewer than two are correct) — or one advantage for the baselines: `grpo` (accuracy only),
+   `coupled` (r_acc - alpha·T) and `otc` (OTC-GRPO's tool-integrated reward, arXiv 2504.14870);
 4. one or more clipped-surrogate updates on `w_acc·L(A_acc) + w_tool·L(A_tool)`, observations masked,
    then the rollout sampler takes the new weights (a no-op for transformers, a weight load for vLLM);
 5. metrics to `hdpo_log.jsonl` and the progress bar; checkpoints that resume with the optimizer.
@@ -29,8 +30,10 @@ from curate.train.advantages import (
     accuracy_rewards,
     coupled_advantages,
     grpo_advantages,
+    otc_advantages,
     qualifying_ratio,
     tool_advantages,
+    tool_productivity,
     tool_rewards,
 )
 from curate.train.chat import ChatEncoder
@@ -50,11 +53,13 @@ class HDPOConfig:
     steps: int = 100
     prompts_per_step: int = 8
     rollouts: int = 16  # G (Metis: 16)
-    algo: Literal["hdpo", "grpo", "coupled"] = "hdpo"
+    algo: Literal["hdpo", "grpo", "coupled", "otc"] = "hdpo"
     w_acc: float = 1.0
     w_tool: float = 0.15  # Metis: 0.15 (0.10 and 0.20 were worse)
     alpha: float = 0.1  # the coupled baseline's tool penalty: r = r_acc - alpha·T
     lr: float = 1e-6
+    otc_c: float = 1.0  # OTC's smoothing constant c in cos(m·pi / (2m + c))
+    max_grad_norm: float = 1.0  # gradient-norm clip per update, as verl's actor (grad_clip 1.0); 0 = none
     epsilon: float = 0.2
     dual_clip: float = 3.0
     updates_per_step: int = 1  # minibatches per step; more than one makes later ones off-policy (clipping matters)
@@ -97,9 +102,12 @@ def advantages(scores: dict[str, torch.Tensor], config: HDPOConfig) -> tuple[tor
     """(A_acc, A_tool, qualifying ratio), each advantage [prompts, G]."""
     r_acc = accuracy_rewards(scores["correct"], scores["format"])
     r_tool = tool_rewards(scores["correct"], scores["tool_calls"])
+    rho, none = qualifying_ratio(r_tool), torch.zeros_like(r_acc)
     if config.algo == "coupled":
-        return coupled_advantages(r_acc, scores["tool_calls"], config.alpha), torch.zeros_like(r_acc), 0.0
-    return grpo_advantages(r_acc), tool_advantages(r_tool), qualifying_ratio(r_tool)
+        return coupled_advantages(r_acc, scores["tool_calls"], config.alpha), none, rho
+    if config.algo == "otc":
+        return otc_advantages(r_acc, scores["correct"], scores["tool_calls"], config.otc_c), none, rho
+    return grpo_advantages(r_acc), tool_advantages(r_tool), rho
 
 
 def rollout_logprobs(loaded: LoadedModel, rollouts: list[Rollout], batch: dict[str, torch.Tensor],
@@ -139,6 +147,9 @@ def update(loaded: LoadedModel, optimizer: torch.optim.Optimizer, rollouts: list
                            adv_tool.flatten()[rows].to(device), config.w_acc, w_tool, config.epsilon, config.dual_clip)
         optimizer.zero_grad()
         losses.total.backward()
+        if config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(loaded.net.parameters(), config.max_grad_norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) / len(order)
         optimizer.step()
         for name in ("total", "acc", "tool", "clip_frac_acc", "clip_frac_tool"):
             sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(getattr(losses, name)).detach()) / len(order)
@@ -158,7 +169,8 @@ def hdpo_step(loaded: LoadedModel, engine: RolloutEngine, optimizer: torch.optim
     calls = scores["tool_calls"].float()
     return {"accuracy": float(scores["correct"].float().mean()), "format": float(scores["format"].float().mean()),
             "tool_call_rate": float((calls > 0).float().mean()), "mean_tool_calls": float(calls.mean()),
-            "qualifying_ratio": rho, **{f"loss_{k}" if not k.startswith("clip") else k: v for k, v in losses.items()},
+            "tool_productivity": tool_productivity(scores["correct"], calls), "qualifying_ratio": rho,
+            **{k if k.startswith(("clip", "grad")) else f"loss_{k}": v for k, v in losses.items()},
             "seconds": time.perf_counter() - started}
 
 
