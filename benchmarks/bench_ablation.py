@@ -9,7 +9,10 @@ on the buckets that need the tool against the tool-call rate on those that do no
 Runs fan out over worker processes (one torch thread each); a result is saved as it finishes, so a run that
 is stopped resumes where it was.
 
-    python benchmarks/bench_ablation.py [--seeds 5] [--workers 2] [--out runs/ablation]
+    python benchmarks/bench_ablation.py [--seeds 5] [--workers 2] [--steps 20 --prompts 8 -G 8] [--out runs/ablation]
+
+The default RL budget (20 steps of 8 prompts × G 8) is a third of the "it learns" test's (30 × 16 × 8), so that
+60 runs fit in about 20 minutes on 2 cores; every configuration gets the same budget.
 """
 
 from __future__ import annotations
@@ -59,16 +62,16 @@ def pretrain_job(folder: Path, seed: int, samples: int) -> dict[str, Any]:
     return {"checkpoint": str(cold), **measured(cold, seed, samples), "seconds": time.perf_counter() - started}
 
 
-def tune_job(cold: Path, out: Path, seed: int, steps: int, samples: int, config: dict[str, Any]) -> dict[str, Any]:
+def tune_job(cold: Path, out: Path, seed: int, samples: int, config: dict[str, Any]) -> dict[str, Any]:
     _quiet()
     from curate.train.toy_runs import tune
 
     started = time.perf_counter()
-    tuned = tune(cold, out, seed, steps=steps, resume=False, **config)
+    tuned = tune(cold, out, seed, resume=False, **config)
     return {**measured(tuned, seed, samples), "seconds": time.perf_counter() - started}
 
 
-def run_all(out: Path, seeds: int, workers: int, steps: int, samples: int) -> dict[str, Any]:
+def run_all(out: Path, seeds: int, workers: int, samples: int, budget: dict[str, int]) -> dict[str, Any]:
     """Every (configuration, seed) result, read back from `out/results.json` where a stopped run saved it."""
     saved = out / "results.json"
     results: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
@@ -83,7 +86,7 @@ def run_all(out: Path, seeds: int, workers: int, steps: int, samples: int) -> di
         for key, job in todo.items():
             keep(key, job.result())
         jobs = {f"{name}/{s}": pool.submit(tune_job, Path(results[f"cold/{s}"]["checkpoint"]),
-                                           out / f"seed{s}" / name.replace(" ", "_"), s, steps, samples, config)
+                                           out / f"seed{s}" / name.replace(" ", "_"), s, samples, {**budget, **config})
                 for name, config in CONFIGS.items() for s in range(seeds) if f"{name}/{s}" not in results}
         for key, job in jobs.items():
             keep(key, job.result())
@@ -142,13 +145,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=30, help="RL steps per run")
-    parser.add_argument("--samples", type=int, default=4, help="rollouts per prompt when measuring")
+    parser.add_argument("--steps", type=int, default=20, help="RL steps per run")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    parser.add_argument("-G", "--rollouts", type=int, default=8, help="rollouts per prompt in RL")
+    parser.add_argument("--samples", type=int, default=2, help="rollouts per prompt when measuring (all 384 prompts)")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = run_all(args.out, args.seeds, args.workers, args.steps, args.samples)
+    budget = {"steps": args.steps, "prompts_per_step": args.prompts, "rollouts": args.rollouts}
+    results = run_all(args.out, args.seeds, args.workers, args.samples, budget)
     print(table(results, args.seeds))
     print(f"\nfigure: {figure(results, args.seeds, args.out / 'ablation.png')}")
     print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s of wall time on {args.workers} workers "

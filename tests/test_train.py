@@ -155,3 +155,17 @@ def test_hdpo_asks_an_llm_judge_for_answers_the_rules_cannot_decide(tmp_path: Pa
     (log,) = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
     assert asked >= 1 and "Eiffel Tower" in json.dumps(judge.requests[0])
     assert log["accuracy"] > 0  # random text never equals "Eiffel Tower": only the judge can have made it correct
+
+
+def test_cli_trains_the_otc_baseline_with_its_settings(tmp_path: Path) -> None:
+    """`--algo otc --otc-c C --max-grad-norm N` reach the trainer (saved in the checkpoint's config) and the step's log."""
+    model = build_toy_policy(tmp_path / "toy")
+    prompts = tmp_path / "rl.parquet"
+    get_format("verl").write([toy_prompt(f"p{n}", "hash", n) for n in range(1, 5)], prompts)
+    curate_cli("train", "hdpo", str(prompts), "--model", str(model), "-o", str(tmp_path / "out"), "--steps", "1",
+               "--prompts", "2", "-G", "2", "--max-new-tokens", "8", "--max-turns", "1", "--algo", "otc",
+               "--otc-c", "2", "--max-grad-norm", "0.5")
+    settings = json.loads((tmp_path / "out" / "checkpoint-000001" / "train_config.json").read_text())
+    assert (settings["algo"], settings["otc_c"], settings["max_grad_norm"]) == ("otc", 2.0, 0.5)
+    (log,) = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
+    assert "tool_productivity" in log and "grad_norm" in log

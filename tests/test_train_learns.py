@@ -3,7 +3,8 @@ while the prompts that need the tool keep it, and accuracy holds, on CPU (two co
 
 The run goes through the trainer's own entry points (`curate.train.toy_runs`): a base model (direct answers
 where it knows them, tool use everywhere), a brief always-tool cold start, then HDPO with Metis's w_tool 0.15.
-Rates are measured on rollouts sampled at temperature 1 (the policy as trained), 8 per prompt.
+Rates are measured on rollouts sampled at temperature 1 (the policy as trained), 4 for each of the prompts
+of every second number (192 prompts, 48 per kind).
 
 Why the margins hold on any x86 CPU: float kernels differ between CPUs, so a run on another machine is, in
 effect, a run with another seed. The thresholds below were checked against the spread over seeds measured
@@ -18,12 +19,12 @@ from pathlib import Path
 from statistics import mean, pvariance
 
 from curate.train.rollout import Rollout
-from curate.train.toy import toy_prompts
+from curate.train.toy import NUMBERS, toy_prompts
 from curate.train.toy_runs import bucket, pretrain, rates, sample_rollouts, tune
 from curate.verify import AnswerVerifier
 
 SEED = 0
-SAMPLES_PER_PROMPT = 8
+SAMPLES_PER_PROMPT = 4
 NEEDED = ("hash", "chain", "lookup-new")
 
 
@@ -45,14 +46,14 @@ def noise(before: list[float], after: list[float]) -> float:
 
 
 def test_hdpo_drops_the_tool_calls_prompts_do_not_need_and_keeps_accuracy(tmp_path: Path) -> None:
-    prompts = toy_prompts()
+    prompts = toy_prompts(numbers=NUMBERS[::2])
     cold = pretrain(tmp_path, SEED)
     before_rollouts = sample_rollouts(cold, prompts, SAMPLES_PER_PROMPT, SEED)
     tuned = tune(cold, tmp_path / "hdpo", SEED)
     after_rollouts = sample_rollouts(tuned, prompts, SAMPLES_PER_PROMPT, SEED)
     before, after = rates(before_rollouts), rates(after_rollouts)
     seen = f"before HDPO {before}, after {after}"
-    assert before["copy"].tool_calls >= 0.8, seen  # the cold start made the policy call the tool needlessly
+    assert before["copy"].tool_calls >= 0.75, seen  # the cold start made the policy call the tool needlessly
     assert after["copy"].tool_calls <= before["copy"].tool_calls - 0.5, seen
     for kind in NEEDED:
         assert after[kind].tool_calls >= 0.9, seen  # and it still calls it where it is needed

@@ -90,7 +90,7 @@ def pretrain(folder: Path, seed: int, kinds: tuple[str, ...] = KINDS, numbers: r
                                folder / "base", epochs=25, lr=1e-3, batch_size=32, seed=seed, device="cpu"))
     return train_sft(SFTConfig(str(base), write_shard(cold_start_data(kinds, numbers), folder / "cold.parquet",
                                                       "messages"),
-                               folder / "cold", epochs=1, lr=8e-5, batch_size=16, seed=seed, device="cpu"))
+                               folder / "cold", epochs=1, lr=5e-5, batch_size=16, seed=seed, device="cpu"))
 
 
 def tune(start: Path, out: Path, seed: int, prompts: list[Sample] | None = None, **hdpo: Any) -> Path:
