@@ -49,10 +49,9 @@ class _Piece:
 def bound_sample(sample: Sample, bounds: PromptBounds, reserved_chars: int = 0) -> tuple[Sample, dict[str, Any] | None]:
     """The sample cut to `bounds` (a copy; the input is untouched) and what was cut, or the sample itself
     and None when it fits. `reserved_chars`: what every request adds besides the sample (the rubric)."""
-    if bounds.max_prompt_tokens is None and bounds.max_images is None:
-        return sample, None
-    over_images = _shown_images(sample)[bounds.max_images:] if bounds.max_images is not None else []
-    budget = _text_budget(sample, bounds, reserved_chars, len(over_images))
+    shown = _shown_images(sample)
+    over_images = shown[bounds.max_images:] if bounds.max_images is not None else []
+    budget = _text_budget(bounds, reserved_chars, len(shown) - len(over_images))
     if not over_images and (budget is None or _text_size(sample) <= budget):
         return sample, None
     bounded = copy.deepcopy(sample)
@@ -70,7 +69,9 @@ def bound_sample(sample: Sample, bounds: PromptBounds, reserved_chars: int = 0) 
 def _shown_images(sample: Sample) -> list[tuple[int, int]]:
     """(message, part) of every image shown, the question's first: they are what the question is about."""
     shown = [(m, p) for m, message in enumerate(sample.messages) for p, part in enumerate(message.content)
-             if isinstance(part, ImagePart)]
+             if type(part) is ImagePart]
+    if len(shown) < 2:
+        return shown
     question = _first_user(sample)
     return sorted(shown, key=lambda at: at[0] != question)
 
@@ -80,19 +81,20 @@ def _drop_images(sample: Sample, dropped: set[tuple[int, int]]) -> None:
         message.content = [TextPart(IMAGE_MARKER) if (m, p) in dropped else part for p, part in enumerate(message.content)]
 
 
-def _text_budget(sample: Sample, bounds: PromptBounds, reserved_chars: int, dropped_images: int) -> int | None:
-    """Characters of text that fit once the images kept are paid for."""
+def _text_budget(bounds: PromptBounds, reserved_chars: int, images: int) -> int | None:
+    """Characters of text that fit once the `images` kept are paid for."""
     if bounds.max_prompt_tokens is None:
         return None
-    images = len(_shown_images(sample)) - dropped_images
     return max(0, (bounds.max_prompt_tokens - IMAGE_TOKENS * images) * CHARS_PER_TOKEN - reserved_chars)
 
 
 def _text_size(sample: Sample) -> int:
     answer = sample.answer if isinstance(sample.answer, str) else str(sample.answer or "")
-    return len(answer) + sum(
-        MESSAGE_OVERHEAD + len(message.text) + sum(len(str(call.arguments)) + len(call.name) for call in message.tool_calls)
-        for message in sample.messages)
+    size = len(answer)
+    for message in sample.messages:
+        size += MESSAGE_OVERHEAD + sum(len(part.text) for part in message.content if type(part) is TextPart)
+        size += sum(len(call.name) + sum(len(str(value)) for value in call.arguments.values()) for call in message.tool_calls)
+    return size
 
 
 def _first_user(sample: Sample) -> int | None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from curate.cache import Cache
 from curate.errors import UserError
+from curate.estimate import StageCost
 from curate.generation import Prompt
 from curate.sample import Sample
 from curate.stage import KEEP, Resources, Stage, StageContext, StageOptions, Verdict, reject
@@ -27,13 +28,14 @@ from judges.backend import JudgeBackend, JudgeRequest
 from judges.batch import BatchRunner
 from judges.bounds import PromptBounds, bound_sample
 from judges.limits import Budget, RateLimiter
-from judges.runner import JudgeFailure, JudgeRunner, RetryPolicy
+from judges.runner import JudgeFailure, JudgeRunner, RetryPolicy, estimate_tokens, request_key
 
 RUBRICS = Path(__file__).parent / "rubrics"
 # Gemini 3.1 Pro takes 1M tokens; 128k keeps a request within most judges' context and its cost bounded,
 # and far above any trajectory of the bundled sample. Metis-ColdStart shows at most 15 images.
 DEFAULT_MAX_PROMPT_TOKENS = 131_072
 DEFAULT_MAX_IMAGES = 16
+PAID_BACKENDS = ("gemini", "openai")
 BACKENDS = {"gemini": "judges.gemini:GeminiBackend", "openai": "judges.openai_chat:OpenAIJudge",
             "transformers": "judges.local:LocalJudge"}
 
@@ -102,6 +104,12 @@ class JudgeOptions(StageOptions):
                                                description="for `curate estimate`: output tokens per request (default max_tokens)")
 
 
+def backend_settings(backend: str) -> dict[str, Any]:
+    """The settings a paid backend adds to every cache key (its class declares them)."""
+    module_name, class_name = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module_name), class_name).settings
+
+
 def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRunner | BatchRunner:
     """A runner with the options' backend, concurrency, rate limits, budget and retry policy; in batch mode,
     the batch runner around it."""
@@ -164,6 +172,13 @@ class JudgeStage(Stage):
             return None
         return JudgeRequest(self.rubric.text, prompt, self.Scores, self.options.temperature, self.options.max_tokens), cut
 
+    def cost_estimate(self, cache: Cache) -> _CostEstimator | None:
+        """For `curate estimate`: counts the requests a run would send, on a paid backend; None on a local one."""
+        if self.options.backend not in PAID_BACKENDS:
+            return None
+        self.rubric = load_rubric(self.options.rubric or self.default_rubric)
+        return _CostEstimator(self, cache)
+
     def process(self, batch: list[Sample]) -> list[Verdict]:
         made = [self.request(sample) for sample in batch]
         judged = [i for i, item in enumerate(made) if item is not None]
@@ -188,3 +203,34 @@ class JudgeStage(Stage):
             return KEEP
         summary = ", ".join(f"{dim} {score} < {threshold}" for dim, score, threshold in low)
         return reject(self.reasons[low[0][0]], f"{summary}: {scores.get('justification', '')}")
+
+
+class _CostEstimator:
+    """A judge stage's requests counted without a backend: keys as the runner makes them, tokens as the rate
+    limiter estimates them, output tokens from `expected_output_tokens` (default: `max_tokens`, an upper bound)."""
+
+    def __init__(self, stage: JudgeStage, cache: Cache) -> None:
+        options = stage.options
+        self.stage, self.cache = stage, cache
+        self.settings = backend_settings(options.backend)
+        self.seen: set[str] = set()  # a request repeated in the input is paid for once
+        self.cost = StageCost(stage.name, f"{options.backend}:{options.model}",
+                              usd_per_million_input=options.usd_per_million_input,
+                              usd_per_million_output=options.usd_per_million_output,
+                              batch_price_ratio=options.batch_price_ratio)
+
+    def add(self, sample: Sample) -> None:
+        made = self.stage.request(sample)
+        if made is None:
+            return
+        request, options = made[0], self.stage.options
+        key = request_key(options.backend, options.model, self.settings, self.stage.rubric.id, request)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        if self.cache.get(key) is not None:
+            self.cost.cached += 1
+            return
+        self.cost.requests += 1
+        self.cost.input_tokens += estimate_tokens(request) - request.max_tokens
+        self.cost.output_tokens += options.expected_output_tokens or request.max_tokens

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from click.testing import CliRunner
 from conftest import REPO, assert_accounting, png_bytes, processed
 from gemini_server import GeminiBatchServer, GeminiServer, request_text
 from test_judges import KEY, pointless_if_hello, sft_recipe, trajectory
 
 from curate.cache import Cache
+from curate.cli import main
 from curate.errors import UserError
 from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
@@ -225,3 +226,48 @@ def test_the_judge_records_the_cut_in_meta_and_sends_the_bounded_prompt(tmp_path
     sent = request_text(request["body"])
     assert len(sent) < 4_000 * 4 and "QUESTION" in sent and "FINAL" in sent
     assert sample.meta["strategic_tool_judge"]["prompt_cut"]["chars_cut"] > 2_900_000
+
+
+# --- curate estimate -----------------------------------------------------------------------------------------------
+
+
+def estimate_cli(recipe: Path, cache: Path) -> str:
+    with pytest.MonkeyPatch.context() as patch:  # it needs no API key
+        patch.delenv("GEMINI_API_KEY")
+        done = CliRunner().invoke(main, ["estimate", str(recipe), "--cache", str(cache)], catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+    return done.output
+
+
+def table_row(output: str, stage: str) -> list[str]:
+    line = next(line for line in output.splitlines() if stage in line)
+    return [cell.strip() for cell in line.strip("│ ").split("┆")]
+
+
+def test_estimate_counts_what_a_run_would_send_leaves_out_the_cached_and_prices_both_modes(tmp_path: Path) -> None:
+    prices = {"usd_per_million_input": 2.0, "usd_per_million_output": 12.0, "expected_output_tokens": 100}
+    with GeminiServer(answer=pointless_if_hello) as server:
+        recipe = sft_recipe(tmp_path, 10, server.base_url, **prices)
+        cells = table_row(estimate_cli(recipe, tmp_path / "c.sqlite"), "strategic_tool_judge")
+        assert not server.requests  # nothing sent
+        requests, cached, input_tokens, output_tokens, online, batch = cells[2:]
+        assert (requests, cached, output_tokens) == ("10", "0", "1000")
+        expected_online = int(input_tokens) * 2.0 / 1e6 + 1000 * 12.0 / 1e6
+        assert float(online) == pytest.approx(expected_online, abs=0.005) and float(batch) == pytest.approx(expected_online / 2, abs=0.005)
+        # A run over the first 4 rows fills the cache: the estimate leaves exactly those out (same keys as the run).
+        first_four = tmp_path / "four.jsonl"
+        first_four.write_text("".join((tmp_path / "in.jsonl").read_text().splitlines(keepends=True)[:4]))
+        LocalExecutor(load_recipe(recipe, input_paths=[str(first_four)]), tmp_path / "run", cache_path=tmp_path / "c.sqlite",
+                      progress=False).run()
+        assert len(server.requests) == 4
+        cells = table_row(estimate_cli(recipe, tmp_path / "c.sqlite"), "strategic_tool_judge")
+        assert cells[2:4] == ["6", "4"]
+
+
+def test_estimate_without_prices_says_so_in_one_line(tmp_path: Path) -> None:
+    recipe = sft_recipe(tmp_path, 3, "http://127.0.0.1:9")
+    output = estimate_cli(recipe, tmp_path / "c.sqlite")
+    notes = [line for line in output.splitlines() if line.startswith("note:")]
+    assert notes == ["note: strategic_tool_judge has no price: set usd_per_million_input and usd_per_million_output "
+                     "in its options to see USD"]
+    assert table_row(output, "strategic_tool_judge")[2] == "3" and "3 rows read" in output
