@@ -77,6 +77,7 @@ class BatchRunner:
     def __init__(self, online: JudgeRunner, retries: int = 2, poll_seconds: float = 10.0,
                  max_poll_seconds: float = 300.0, price_ratio: float = 0.5, progress: bool = True) -> None:
         if not hasattr(online.backend, "submit_batch"):
+            online.close()
             raise UserError(f"mode: batch needs a backend with a batch API (gemini); {online.backend.name!r} has none: "
                             "use mode: online")
         self.online = online  # its backend, cache, keys, budget and retry policy; its event loop closes the backend

@@ -50,6 +50,7 @@ class GeminiBackend:
                  timeout: float = 120.0, inline_limit: int = INLINE_LIMIT) -> None:
         self.model = model
         self.inline_limit = inline_limit
+        self._polled: types.BatchJob | None = None  # the job last polled
         variables = (api_key_env,) if api_key_env else KEY_VARIABLES
         key = next((os.environ[v] for v in variables if os.environ.get(v, "").strip()), None)
         if key is None:
@@ -101,13 +102,15 @@ class GeminiBackend:
     def batch_state(self, job: str) -> str:
         """pending, running, succeeded, failed, cancelled or expired."""
         with self._errors_as_lines():
-            state = self._client.batches.get(name=job).state
+            self._polled = self._client.batches.get(name=job)  # a finished job's results come with it
+        state = self._polled.state
         return str(getattr(state, "value", state)).removeprefix("JOB_STATE_").lower()
 
     def batch_results(self, job: str) -> dict[str, JudgeReply | str]:
         """A finished job's outcome per key: the reply, or the request's error as a line."""
         with self._errors_as_lines():
-            destination = self._client.batches.get(name=job).dest
+            polled = self._polled if self._polled is not None and self._polled.name == job else self._client.batches.get(name=job)
+            destination = polled.dest
             if destination is not None and destination.file_name:
                 data = self._client.files.download(file=destination.file_name)
                 return dict(_file_result(json.loads(line)) for line in data.splitlines() if line.strip())
