@@ -13,8 +13,6 @@ provider's turnaround (up to 24 h) is not simulated: what is measured is what cu
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_judge import VERDICT, requests
+from bench_judge import requests, start_server
 from gemini_server import GeminiBatchServer
 
 from curate.cache import Cache
@@ -32,12 +30,6 @@ from judges.batch import BatchRunner
 from judges.gemini import GeminiBackend
 from judges.runner import JudgeRunner
 from judges.stage import load_rubric
-
-
-def serve(latency: float, address: multiprocessing.Queue) -> None:
-    with GeminiBatchServer(answer=lambda body: VERDICT, latency=latency, running_polls=1) as server:
-        address.put(server.base_url)
-        multiprocessing.Event().wait()  # until the benchmark terminates this process
 
 
 class Timed:
@@ -73,11 +65,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    os.environ.setdefault("GEMINI_API_KEY", "benchmark-key")
-    address: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(args.latency, address), daemon=True)
-    server.start()
-    base_url = address.get(timeout=30)
+    server, base_url = start_server(args.latency, GeminiBatchServer)  # jobs finish on their second poll
     rubric_id = load_rubric("strategic_tool_use").id
     n = args.requests
     with tempfile.TemporaryDirectory() as tmp:

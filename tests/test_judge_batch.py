@@ -26,7 +26,6 @@ from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
 from judges.batch import BatchJobs, Job
 from judges.bounds import PromptBounds, bound_sample
-from judges.runner import JudgeFailure
 from judges.stage import load_rubric, make_runner
 from judges.strategic_tool import StrategicToolJudge
 
