@@ -114,7 +114,7 @@ class BatchRunner:
                 todo[key] = request
         tries: dict[str, list[str]] = {key: [] for key in todo}  # what went wrong with each key, per round
         while todo:
-            results = self._round(todo)
+            results, finished = self._round(todo)
             for key in list(todo):
                 verdict, problem = self._outcome(todo[key], results.get(key))
                 if verdict is not None:
@@ -126,12 +126,14 @@ class BatchRunner:
                 if len(tries[key]) > self.retries:
                     outcomes[key] = self._failure(key, tries[key], answered=not isinstance(results.get(key), str | None))
                     del todo[key]
+            for job in finished:  # only now: a kill before the verdicts were cached re-attaches to the job
+                self.jobs.remove(job)
         return [outcomes[key] for key in keys]
 
     # --- one round: the jobs that hold these keys, waited on ----------------------------------------------------
 
-    def _round(self, todo: dict[str, JudgeRequest]) -> dict[str, JudgeReply | str]:
-        """Every key's result from the recorded jobs holding it, or from a new job for the rest."""
+    def _round(self, todo: dict[str, JudgeRequest]) -> tuple[dict[str, JudgeReply | str], list[Job]]:
+        """Every key's result from the recorded jobs holding it, or from a new job for the rest; the jobs."""
         jobs = [job for job in self.jobs.in_flight(self.backend.name, self.backend.model) if set(job.keys) & todo.keys()]
         held = {key for job in jobs for key in job.keys}
         fresh = [key for key in todo if key not in held]
@@ -151,9 +153,10 @@ class BatchRunner:
         self.submitted += len(entries)
         return self.jobs.named(job, name)
 
-    def _wait(self, jobs: list[Job], todo: dict[str, JudgeRequest]) -> dict[str, JudgeReply | str]:
-        """Poll the jobs, with backoff, until each has finished; their results by key."""
+    def _wait(self, jobs: list[Job], todo: dict[str, JudgeRequest]) -> tuple[dict[str, JudgeReply | str], list[Job]]:
+        """Poll the jobs, with backoff, until each has finished; their results by key, and the jobs that gave them."""
         results: dict[str, JudgeReply | str] = {}
+        finished: list[Job] = []
         waiting = [attached for job in jobs if (attached := self._attached(job, todo)) is not None]
         delay = self.poll_seconds
         with tqdm(total=sum(len(job.keys) for job in waiting), desc=f"{'batch jobs':>24}", unit="req",
@@ -164,6 +167,7 @@ class BatchRunner:
                     state = self._call(lambda job=job: self.backend.batch_state(job.name))
                     if state == "succeeded":
                         results.update(self._collect(job))
+                        finished.append(job)
                         bar.update(len(job.keys))
                     elif state in FINISHED_BADLY:
                         if (again := self._resubmit(job, state, todo)) is not None:
@@ -175,7 +179,7 @@ class BatchRunner:
                 if waiting:
                     time.sleep(delay)
                     delay = min(delay * 1.5, self.max_poll_seconds)
-        return results
+        return results, finished
 
     def _attached(self, job: Job, todo: dict[str, JudgeRequest]) -> Job | None:
         """A recorded job with its provider name: looked up when a kill came before the name was recorded,
@@ -193,7 +197,6 @@ class BatchRunner:
         for reply in results.values():
             if isinstance(reply, JudgeReply):
                 self.budget.charge(round(reply.input_tokens * self.price_ratio), round(reply.output_tokens * self.price_ratio))
-        self.jobs.remove(job)  # its results are about to be cached; a kill before that costs a resubmission only
         return results
 
     def _resubmit(self, job: Job, state: str, todo: dict[str, JudgeRequest]) -> Job | None:
