@@ -148,7 +148,17 @@ class BatchRunner:
         self.budget.check()
         job = Job(f"curate-{uuid.uuid4().hex}", None, tuple(key for key, _ in entries), attempt)
         self.jobs.add(self.backend.name, self.backend.model, job)
-        name = self._call(lambda: self.backend.submit_batch(job.display_name, entries))
+        tried = False
+
+        def create() -> str:
+            """A retry first looks the job up: a create that timed out may have reached the provider."""
+            nonlocal tried
+            if tried and (found := self.backend.find_batch(job.display_name)) is not None:
+                return found
+            tried = True
+            return self.backend.submit_batch(job.display_name, entries)
+
+        name = self._call(create)
         self.budget.requests += len(entries)
         self.submitted += len(entries)
         return self.jobs.named(job, name)

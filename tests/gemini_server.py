@@ -9,6 +9,8 @@ sleeps `latency` seconds first. Failures are scripted: each request consumes the
 - "garbage": 200 with a well-formed response whose candidate text is not JSON (the model answered garbage);
 - "badjson": 200 with a body that is not JSON at all;
 - "slow": sleep `slow_seconds`, then answer normally.
+`GeminiBatchServer` adds the Batch API and the file upload and download that `client.batches` and
+`client.files` use (see its docstring).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class GeminiBatchServer(GeminiServer):
     - `GET /{v}/batches` lists the jobs; `POST /{v}/batches/{id}:cancel` cancels one;
     - `POST /upload/{v}/files`: the resumable upload protocol (start, then upload and finalize);
       `GET /{v}/files/{id}:download?alt=media`: a results file.
+    `create_faults`: "503-after-create" makes the next job and answers 503, as a create that timed out would.
     Per request: a key in `request_errors` gets an error status instead of a response, one in `missing` gets
     nothing at all (each once). `submissions` counts how often each key was submitted, over every job."""
 
@@ -141,6 +144,7 @@ class GeminiBatchServer(GeminiServer):
         self.running_polls = running_polls
         self.hold = False
         self.job_outcomes: deque[str] = deque()
+        self.create_faults: deque[str] = deque()  # "503-after-create": make the job, answer 503
         self.request_errors: set[str] = set()
         self.missing: set[str] = set()
         self.submissions: Counter[str] = Counter()
@@ -187,6 +191,8 @@ class GeminiBatchServer(GeminiServer):
             job = {"id": f"job{next(self._ids)}", "model": model, "display_name": batch.get("displayName", ""),
                    "entries": entries, "inline": "fileName" not in source, "state": "pending", "polls": 0, "output": None}
             self.jobs[job["id"]] = job
+            if self.create_faults and self.create_faults.popleft() == "503-after-create":
+                return self.error(503)  # the job exists, the client does not know
             return 200, {}, json.dumps(self._operation(job)).encode()
 
     def _get(self, job_id: str) -> tuple[int, dict[str, str], bytes]:

@@ -270,3 +270,12 @@ def test_estimate_without_prices_says_so_in_one_line(tmp_path: Path) -> None:
     assert notes == ["note: strategic_tool_judge has no price: set usd_per_million_input and usd_per_million_output "
                      "in its options to see USD"]
     assert table_row(output, "strategic_tool_judge")[2] == "3" and "3 rows read" in output
+
+
+def test_a_create_call_that_failed_transiently_is_looked_up_before_it_is_retried(tmp_path: Path) -> None:
+    """A 503 on create may come after the provider made the job: the retry finds it instead of paying again."""
+    with GeminiBatchServer(answer=pointless_if_hello) as server:
+        server.create_faults.append("503-after-create")
+        _, verdicts = judge_batch(server, samples(3), tmp_path / "c.sqlite")
+        assert len(server.jobs) == 1 and set(server.submissions.values()) == {1}
+    assert [v.keep for v in verdicts] == [True, False, True]
