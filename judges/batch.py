@@ -170,7 +170,7 @@ class BatchRunner:
         waiting = [attached for job in jobs if (attached := self._attached(job, todo)) is not None]
         delay = self.poll_seconds
         with tqdm(total=sum(len(job.keys) for job in waiting), desc=f"{'batch jobs':>24}", unit="req",
-                  disable=not self.progress, leave=False) as bar:
+                  disable=None if self.progress else True, leave=False) as bar:  # None: off when not a terminal
             while waiting:
                 still: list[Job] = []
                 for job in waiting:
