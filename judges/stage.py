@@ -96,7 +96,7 @@ class JudgeOptions(StageOptions):
                                              description="batch: the provider's Batch API (gemini), at its lower price")
     batch_retries: int = Field(default=2, ge=0, description="later jobs for a request that failed or had no result")
     batch_poll_seconds: float = Field(default=10.0, gt=0, description="first wait between polls (x1.5 each, to the max)")
-    batch_max_poll_seconds: float = Field(default=300.0, gt=0)
+    batch_max_poll_seconds: float = Field(default=300.0, gt=0, description="longest wait between polls")
     max_prompt_tokens: int | None = Field(default=DEFAULT_MAX_PROMPT_TOKENS, gt=0,
                                           description="estimated input tokens per request; longer trajectories are cut")
     max_images: int | None = Field(default=DEFAULT_MAX_IMAGES, ge=0, description="images per request; the rest are left out")
