@@ -42,11 +42,19 @@ def requests(count: int, tag: str) -> list[JudgeRequest]:
             for i in range(count)]
 
 
-def serve(latency: float, address: multiprocessing.Queue) -> None:
-    with GeminiServer(answer=lambda body: VERDICT, latency=latency) as server:
+def serve(server_class: type[GeminiServer], latency: float, address: multiprocessing.Queue) -> None:
+    with server_class(answer=lambda body: VERDICT, latency=latency) as server:
         address.put(server.base_url)
-        threading_event = multiprocessing.Event()
-        threading_event.wait()  # until the benchmark terminates this process
+        multiprocessing.Event().wait()  # until the benchmark terminates this process
+
+
+def start_server(latency: float, server_class: type[GeminiServer] = GeminiServer) -> tuple[multiprocessing.Process, str]:
+    """A local Gemini server in its own process, as a remote API would be; its base URL. Sets a dummy key."""
+    os.environ.setdefault("GEMINI_API_KEY", "benchmark-key")
+    address: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve, args=(server_class, latency, address), daemon=True)
+    server.start()
+    return server, address.get(timeout=30)
 
 
 def main() -> None:
@@ -55,11 +63,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16, 32])
     args = parser.parse_args()
-    os.environ.setdefault("GEMINI_API_KEY", "benchmark-key")
-    address: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(args.latency, address), daemon=True)
-    server.start()
-    base_url = address.get(timeout=30)
+    server, base_url = start_server(args.latency)
     with tempfile.TemporaryDirectory() as tmp:
         cache = Cache(Path(tmp) / "cache.sqlite")
         rubric_id = load_rubric("strategic_tool_use").id

@@ -84,6 +84,41 @@ def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir:
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, help="Input file(s), replacing the recipe's (repeatable).")
+@click.option("--format", "format_name", help="Reader for the inputs (default: sniffed per file).")
+@click.option("--local", is_flag=True, help="Use the recipe's `local` profile.")
+@click.option("--profile", help="Use another named profile of the recipe.")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
+              help="The cache a run would use: what it holds is not paid for again.")
+def estimate(recipe: Path, inputs: tuple[str, ...], format_name: str | None, local: bool, profile: str | None,
+             cache_path: Path) -> None:
+    """Estimate what RECIPE's paid stages would send and cost, online and batch; sends nothing, needs no API key."""
+    from curate.estimate import estimate as estimate_recipe
+    from curate.recipe import load_recipe
+
+    if local and profile:
+        raise UserError("--local is the `local` profile; pass either --local or --profile")
+    loaded = load_recipe(recipe, profile="local" if local else profile, input_paths=list(inputs), format_name=format_name)
+    result = estimate_recipe(loaded, cache_path)
+    if result.stages:
+        click.echo(_render(pl.DataFrame([{
+            "stage": c.stage, "model": c.model, "requests": c.requests, "cached": c.cached,
+            "est. input tokens": c.input_tokens, "est. output tokens": c.output_tokens,
+            "USD online": f"{c.usd_online:.2f}" if c.priced else "-",
+            "USD batch": f"{c.usd_batch:.2f}" if c.priced else "-"} for c in result.stages])))
+    else:
+        click.echo("no paid stage in this recipe (its judges run on a local backend): nothing to pay for")
+    for cost in result.stages:
+        if not cost.priced:
+            click.echo(f"note: {cost.stage} has no price: set usd_per_million_input and usd_per_million_output "
+                       "in its options to see USD")
+    rate = result.rows / result.seconds if result.seconds else 0.0
+    click.echo(f"{result.rows} rows read ({result.malformed} malformed) in {result.seconds:.2f} s ({rate:,.0f} rows/s);"
+               " every row is counted as reaching each paid stage, so these are upper bounds")
+
+
+@main.command()
 def stages() -> None:
     """List the registered stages and their options."""
     from curate.registry import stage_classes

@@ -62,3 +62,24 @@ def json_schema(schema: type[BaseModel]) -> dict[str, Any]:
             return [strip(v) for v in node]
         return node
     return strip(schema.model_json_schema())
+
+
+class BatchBackend(JudgeBackend, Protocol):
+    """A backend with a batch API (`mode: batch`): jobs of many requests, each named by its cache key,
+    answered later at a lower price. Errors where retrying may help are RetryableError, as online."""
+
+    def submit_batch(self, display_name: str, entries: list[tuple[str, JudgeRequest]]) -> str:
+        """Create a job of (key, request) entries under `display_name`; the job's name."""
+        ...
+
+    def find_batch(self, display_name: str) -> str | None:
+        """The job created under `display_name`, if any."""
+        ...
+
+    def batch_state(self, job: str) -> str:
+        """pending, running, succeeded, failed, cancelled or expired."""
+        ...
+
+    def batch_results(self, job: str) -> dict[str, JudgeReply | str]:
+        """A succeeded job's outcome per key: the reply, or the request's error."""
+        ...

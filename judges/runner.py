@@ -16,6 +16,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -72,10 +73,7 @@ class JudgeRunner:
         return outcomes  # type: ignore[return-value]
 
     def key(self, request: JudgeRequest) -> str:
-        what = {"rubric": self.rubric_id, "prompt": request.prompt.key(), "system": request.system,
-                "schema": json_schema(request.schema)}
-        params = {"temperature": request.temperature, "max_tokens": request.max_tokens, **self.backend.settings}
-        return cache_key(self.backend.name, self.backend.model, what, params)
+        return request_key(self.backend.name, self.backend.model, self.backend.settings, self.rubric_id, request)
 
     async def _judge(self, request: JudgeRequest) -> BaseModel | JudgeFailure:
         key = self.key(request)
@@ -116,6 +114,14 @@ class JudgeRunner:
             self.budget.charge(reply.input_tokens, reply.output_tokens)
             return reply
         return JudgeFailure(f"gave up after {self.retry.max_retries + 1} attempts: {error}")
+
+
+def request_key(backend: str, model: str, settings: dict[str, Any], rubric_id: str, request: JudgeRequest) -> str:
+    """The cache key of a judge request: everything that determines its verdict."""
+    what = {"rubric": rubric_id, "prompt": request.prompt.key(), "system": request.system,
+            "schema": json_schema(request.schema)}
+    params = {"temperature": request.temperature, "max_tokens": request.max_tokens, **settings}
+    return cache_key(backend, model, what, params)
 
 
 def estimate_tokens(request: JudgeRequest) -> int:

@@ -20,14 +20,22 @@ from pydantic import BaseModel, Field
 
 from curate.cache import Cache
 from curate.errors import UserError
+from curate.estimate import StageCost
 from curate.generation import Prompt
 from curate.sample import Sample
 from curate.stage import KEEP, Resources, Stage, StageContext, StageOptions, Verdict, reject
 from judges.backend import JudgeBackend, JudgeRequest
+from judges.batch import BatchRunner
+from judges.bounds import PromptBounds, bound_sample
 from judges.limits import Budget, RateLimiter
-from judges.runner import JudgeFailure, JudgeRunner, RetryPolicy
+from judges.runner import JudgeFailure, JudgeRunner, RetryPolicy, estimate_tokens, request_key
 
 RUBRICS = Path(__file__).parent / "rubrics"
+# Gemini 3.1 Pro takes 1M tokens; 128k keeps a request within most judges' context and its cost bounded,
+# and far above any trajectory of the bundled sample. Metis-ColdStart shows at most 15 images.
+DEFAULT_MAX_PROMPT_TOKENS = 131_072
+DEFAULT_MAX_IMAGES = 16
+PAID_BACKENDS = ("gemini", "openai")
 BACKENDS = {"gemini": "judges.gemini:GeminiBackend", "openai": "judges.openai_chat:OpenAIJudge",
             "transformers": "judges.local:LocalJudge"}
 
@@ -83,15 +91,37 @@ class JudgeOptions(StageOptions):
     max_usd: float | None = Field(default=None, gt=0, description="budget: stop at this estimated spend")
     usd_per_million_input: float = Field(default=0.0, ge=0, description="price, for max_usd")
     usd_per_million_output: float = Field(default=0.0, ge=0, description="price, for max_usd")
+    batch_price_ratio: float = Field(default=0.5, gt=0, le=1, description="batch price / online price (Gemini: 0.5)")
+    mode: Literal["online", "batch"] = Field(default="online",
+                                             description="batch: the provider's Batch API (gemini), at its lower price")
+    batch_retries: int = Field(default=2, ge=0, description="later jobs for a request that failed or had no result")
+    batch_poll_seconds: float = Field(default=10.0, gt=0, description="first wait between polls (x1.5 each, to the max)")
+    batch_max_poll_seconds: float = Field(default=300.0, gt=0, description="longest wait between polls")
+    max_prompt_tokens: int | None = Field(default=DEFAULT_MAX_PROMPT_TOKENS, gt=0,
+                                          description="estimated input tokens per request; longer trajectories are cut")
+    max_images: int | None = Field(default=DEFAULT_MAX_IMAGES, ge=0, description="images per request; the rest are left out")
+    expected_output_tokens: int | None = Field(default=None, gt=0,
+                                               description="for `curate estimate`: output tokens per request (default max_tokens)")
 
 
-def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRunner:
-    """A runner with the options' backend, concurrency, rate limits, budget and retry policy."""
-    return JudgeRunner(
+def backend_settings(backend: str) -> dict[str, Any]:
+    """The settings a paid backend adds to every cache key (its class declares them)."""
+    module_name, class_name = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module_name), class_name).settings
+
+
+def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRunner | BatchRunner:
+    """A runner with the options' backend, concurrency, rate limits, budget and retry policy; in batch mode,
+    the batch runner around it."""
+    online = JudgeRunner(
         make_backend(options.backend, options.model, options.backend_options), cache, rubric.id,
         options.concurrency, RateLimiter(options.requests_per_minute, options.tokens_per_minute),
         Budget(options.max_requests, options.max_usd, options.usd_per_million_input, options.usd_per_million_output),
         RetryPolicy(options.max_retries, options.parse_retries, options.backoff))
+    if options.mode == "online":
+        return online
+    return BatchRunner(online, options.batch_retries, options.batch_poll_seconds, options.batch_max_poll_seconds,
+                       options.batch_price_ratio)
 
 
 class JudgeStage(Stage):
@@ -100,9 +130,15 @@ class JudgeStage(Stage):
 
     Options = JudgeOptions
     batch_size = 32
+    batch_mode_size = 1 << 30  # in batch mode one job takes every row of a committed batch
     default_rubric: ClassVar[str]
     Scores: ClassVar[type[BaseModel]]
     reasons: ClassVar[dict[str, str]]
+
+    def __init__(self, options: StageOptions | None = None) -> None:
+        super().__init__(options)
+        if self.options.mode == "batch":
+            self.batch_size = self.batch_mode_size  # type: ignore[misc]
 
     @property
     def resources(self) -> Resources:  # type: ignore[override]
@@ -126,16 +162,33 @@ class JudgeStage(Stage):
         """What the judge sees; None when there is nothing to judge (the sample is kept unjudged)."""
         raise NotImplementedError
 
-    def process(self, batch: list[Sample]) -> list[Verdict]:
-        prompts = [self.render(sample) for sample in batch]
-        judged = [i for i, prompt in enumerate(prompts) if prompt is not None]
-        requests = [JudgeRequest(self.rubric.text, prompts[i], self.Scores, self.options.temperature,
-                                 self.options.max_tokens) for i in judged]
-        outcomes = dict(zip(judged, self.runner.run(requests), strict=True))
-        return [self._verdict(sample, outcomes.get(i)) for i, sample in enumerate(batch)]
+    def request(self, sample: Sample) -> tuple[JudgeRequest, dict[str, Any] | None] | None:
+        """The request the judge gets for a sample, bounded to `max_prompt_tokens` and `max_images`, and what
+        the bound cut (None when nothing); None when there is nothing to judge. `curate estimate` uses it too."""
+        bounds = PromptBounds(self.options.max_prompt_tokens, self.options.max_images)
+        bounded, cut = bound_sample(sample, bounds, reserved_chars=len(self.rubric.text))
+        prompt = self.render(bounded)
+        if prompt is None:
+            return None
+        return JudgeRequest(self.rubric.text, prompt, self.Scores, self.options.temperature, self.options.max_tokens), cut
 
-    def _verdict(self, sample: Sample, outcome: BaseModel | JudgeFailure | None) -> Verdict:
+    def cost_estimate(self, cache: Cache) -> _CostEstimator | None:
+        """For `curate estimate`: counts the requests a run would send, on a paid backend; None on a local one."""
+        if self.options.backend not in PAID_BACKENDS:
+            return None
+        self.rubric = load_rubric(self.options.rubric or self.default_rubric)
+        return _CostEstimator(self, cache)
+
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        made = [self.request(sample) for sample in batch]
+        judged = [i for i, item in enumerate(made) if item is not None]
+        outcomes = dict(zip(judged, self.runner.run([made[i][0] for i in judged]), strict=True))  # type: ignore[index]
+        return [self._verdict(sample, outcomes.get(i), made[i][1] if made[i] else None) for i, sample in enumerate(batch)]
+
+    def _verdict(self, sample: Sample, outcome: BaseModel | JudgeFailure | None, cut: dict[str, Any] | None) -> Verdict:
         about = {"rubric": self.rubric.id, "model": f"{self.options.backend}:{self.options.model}"}
+        if cut is not None:
+            about["prompt_cut"] = cut
         if outcome is None:
             sample.meta[self.name] = {**about, "judged": False}
             return KEEP
@@ -150,3 +203,34 @@ class JudgeStage(Stage):
             return KEEP
         summary = ", ".join(f"{dim} {score} < {threshold}" for dim, score, threshold in low)
         return reject(self.reasons[low[0][0]], f"{summary}: {scores.get('justification', '')}")
+
+
+class _CostEstimator:
+    """A judge stage's requests counted without a backend: keys as the runner makes them, tokens as the rate
+    limiter estimates them, output tokens from `expected_output_tokens` (default: `max_tokens`, an upper bound)."""
+
+    def __init__(self, stage: JudgeStage, cache: Cache) -> None:
+        options = stage.options
+        self.stage, self.cache = stage, cache
+        self.settings = backend_settings(options.backend)
+        self.seen: set[str] = set()  # a request repeated in the input is paid for once
+        self.cost = StageCost(stage.name, f"{options.backend}:{options.model}",
+                              usd_per_million_input=options.usd_per_million_input,
+                              usd_per_million_output=options.usd_per_million_output,
+                              batch_price_ratio=options.batch_price_ratio)
+
+    def add(self, sample: Sample) -> None:
+        made = self.stage.request(sample)
+        if made is None:
+            return
+        request, options = made[0], self.stage.options
+        key = request_key(options.backend, options.model, self.settings, self.stage.rubric.id, request)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        if self.cache.get(key) is not None:
+            self.cost.cached += 1
+            return
+        self.cost.requests += 1
+        self.cost.input_tokens += estimate_tokens(request) - request.max_tokens
+        self.cost.output_tokens += options.expected_output_tokens or request.max_tokens

@@ -51,6 +51,9 @@ class LocalServer:
     def handle(self, path: str, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, str], bytes | None]:
         raise NotImplementedError
 
+    def handle_get(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes | None]:
+        return 404, {}, b'{"error": {"code": 404, "message": "not found"}}'
+
 
 class ChatServer(LocalServer):
     """`with ChatServer(answer=...) as server:` point a client at `server.base_url`."""
@@ -108,8 +111,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        status, extra, payload = self.server.app.handle(self.path, headers, raw)  # type: ignore[attr-defined]
+        self._reply(*self.server.app.handle(self.path, self._lower_headers(), raw))  # type: ignore[attr-defined]
+
+    def do_GET(self) -> None:
+        self._reply(*self.server.app.handle_get(self.path, self._lower_headers()))  # type: ignore[attr-defined]
+
+    def _lower_headers(self) -> dict[str, str]:
+        return {name.lower(): value for name, value in self.headers.items()}
+
+    def _reply(self, status: int, extra: dict[str, str], payload: bytes | None) -> None:
         if payload is None:
             self.close_connection = True
             return

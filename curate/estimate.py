@@ -1,0 +1,84 @@
+"""`curate estimate`: what a recipe's paid stages would cost, before anything is sent.
+
+Every input row is read and parsed as a run reads it, and every paid stage renders the requests it would
+send for it, exactly as in a run (the same bounds, the same cache keys); requests the cache already holds
+are left out. A stage is paid when it declares `cost_estimate(cache)` and that returns an estimator (the
+judge stages on a paid backend do). Earlier stages do not run: a row they would reject is counted anyway,
+so the figures are an upper bound of what reaches each paid stage.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from curate.cache import Cache
+from curate.formats import MalformedRow, get_format, records, sniff_format
+from curate.recipe import Recipe
+from curate.sample import Sample
+
+
+@dataclass
+class StageCost:
+    """One paid stage's requests and their estimated tokens and price (None: no price configured)."""
+
+    stage: str
+    model: str
+    requests: int = 0
+    cached: int = 0  # left out: the cache holds their verdicts
+    input_tokens: int = 0
+    output_tokens: int = 0
+    usd_per_million_input: float = 0.0
+    usd_per_million_output: float = 0.0
+    batch_price_ratio: float = 0.5
+
+    @property
+    def priced(self) -> bool:
+        return bool(self.usd_per_million_input or self.usd_per_million_output)
+
+    @property
+    def usd_online(self) -> float:
+        return (self.input_tokens * self.usd_per_million_input + self.output_tokens * self.usd_per_million_output) / 1e6
+
+    @property
+    def usd_batch(self) -> float:
+        return self.usd_online * self.batch_price_ratio
+
+
+class CostEstimator(Protocol):
+    cost: StageCost
+
+    def add(self, sample: Sample) -> None:
+        """Count the request(s) the stage would send for this sample."""
+
+
+@dataclass
+class Estimate:
+    rows: int = 0
+    malformed: int = 0
+    seconds: float = 0.0
+    stages: list[StageCost] = field(default_factory=list)
+
+
+def estimate(recipe: Recipe, cache_path: Path) -> Estimate:
+    stages = [stage for stage in (spec.build() for spec in recipe.stages) if hasattr(stage, "cost_estimate")]
+    result = Estimate()
+    started = time.perf_counter()
+    with Cache(cache_path) as cache:
+        estimators: list[CostEstimator] = [e for e in (stage.cost_estimate(cache) for stage in stages) if e is not None]
+        for source in recipe.inputs:
+            reader = get_format(sniff_format(source.path) if source.format == "auto" else source.format)
+            for record in records(source.path):
+                result.rows += 1
+                try:
+                    sample = reader.parse(record, source.path.parent)
+                except MalformedRow:
+                    result.malformed += 1  # the run rejects it at `read`: no request
+                    continue
+                for estimator in estimators:
+                    estimator.add(sample)
+    result.seconds = time.perf_counter() - started
+    result.stages = [estimator.cost for estimator in estimators]
+    return result
