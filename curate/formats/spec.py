@@ -169,12 +169,18 @@ class SpecFormat(Format):
 
     def parse(self, record: Any, base_dir: Path) -> Sample:
         row = decode_record(record)
-        images = self._images(row, base_dir)
-        counter = ImageCounter(len(images))
         if self.spec.layout == "response":
-            messages, content, answer_text = self._read_response(row, counter)
+            question, response = self._question_and_response_of(row)
+            images = self._images(row, base_dir)
+            counter = ImageCounter(len(images))
+            messages = [Message("user", text_to_parts(question, counter)), *self._assistant_turns(response, counter)]
+            content, answer_text = (question, response), response
         else:
-            messages, content = self._read_chat(row, counter, images, base_dir)
+            turns = self._turns_of(row)
+            images = self._images(row, base_dir)
+            counter = ImageCounter(len(images))
+            messages = self._read_chat(turns, counter, images, base_dir)
+            content = (row[self.spec.messages],)
             answer_text = "".join(m.text for m in messages if m.role == "assistant")
         counter.attach_unused(messages)
         rename_image_variables(messages, self.spec.image_variable, self.spec.image_first_index,
@@ -196,16 +202,13 @@ class SpecFormat(Format):
             return []
         return decode_images([value] if isinstance(value, (str, bytes, dict)) else value, base_dir, field)
 
-    def _read_response(self, row: dict[str, Any], counter: ImageCounter) -> tuple[list[Message], tuple[Any, ...], str]:
+    def _question_and_response_of(self, row: dict[str, Any]) -> tuple[str, str]:
         question, response = row.get(self.spec.question), nested_get(row, self.spec.response)
         if not isinstance(question, str) or not isinstance(response, str):
             raise MalformedRow(f"needs string fields '{self.spec.question}' and '{self.spec.response}'")
-        messages = [Message("user", text_to_parts(question, counter))]
-        messages += self._assistant_turns(response, counter)
-        return messages, (question, response), response
+        return question, response
 
-    def _read_chat(self, row: dict[str, Any], counter: ImageCounter, images: list[Image],
-                   base_dir: Path) -> tuple[list[Message], tuple[Any, ...]]:
+    def _turns_of(self, row: dict[str, Any]) -> list[Any]:
         column = self.spec.messages
         if column not in row:
             raise MalformedRow(f"missing field '{column}'")
@@ -214,6 +217,9 @@ class SpecFormat(Format):
             turns = decode_turns(turns, f"'{column}'")
         if not isinstance(turns, list) or not turns:
             raise MalformedRow(f"'{column}' must be a non-empty list of turns")
+        return turns
+
+    def _read_chat(self, turns: list[Any], counter: ImageCounter, images: list[Image], base_dir: Path) -> list[Message]:
         messages: list[Message] = []
         pending: list[ToolCall] = []  # calls of the last assistant turn not yet answered
         for index, turn in enumerate(turns):
@@ -234,7 +240,7 @@ class SpecFormat(Format):
             else:
                 messages.append(Message(role, text_to_parts(text, next_image)))
                 pending = []
-        return messages, (row[column],)
+        return messages
 
     def _turn_text(self, content: Any, where: str, counter: ImageCounter, images: list[Image],
                    base_dir: Path) -> tuple[str, Callable[[], int]]:
@@ -310,7 +316,8 @@ class SpecFormat(Format):
             row[spec.question] = question
             nested_set(row, spec.response, response)
         else:
-            turns = [self._turn(role, text, images) for role, text in self._turns(messages, sample.id)]
+            unplaced = iter(images)  # images in content parts, in order (when there is no image column)
+            turns = [self._turn(role, text, unplaced) for role, text in self._turns(messages, sample.id)]
             row[spec.messages] = encode_turns(turns, spec.messages_encoding)
             if spec.images:
                 row[spec.images[0]] = [store(k, im) for k, im in enumerate(images)]
@@ -369,10 +376,10 @@ class SpecFormat(Format):
             text = json.dumps({observation.json_key: text, "type": self.calls.source_name(call)}, ensure_ascii=False)
         return f"<{observation.tags[0]}>{text}</{observation.tags[0]}>" if observation.tags else text
 
-    def _turn(self, role: str, text: str, images: list[Image]) -> dict[str, Any]:
+    def _turn(self, role: str, text: str, images: Iterator[Image]) -> dict[str, Any]:
         content: Any = text
         if not self.spec.images:  # no image column: images travel in the content, as data URIs
-            content = list(_content_parts(text, iter(images)))
+            content = list(_content_parts(text, images))
         return {self.spec.role_key: self.source_roles.get(role, role), self.spec.content_key: content}
 
     def _parquet_schema(self) -> pa.Schema | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from curate.formats import register_format
+from curate.formats.inline import turns_mention
 from curate.formats.spec import InlineSpec, ObservationSpec, SpecFormat
 
 
@@ -35,4 +36,5 @@ class ThymeFormat(SpecFormat):
     )
 
     def sniff(self, record: Any) -> bool:
-        return isinstance(record.get("response"), str) and "question" in record
+        # PyVision results carry a question and a response too, beside their <interpreter> chat.
+        return isinstance(record.get("response"), str) and "question" in record and not turns_mention(record, "<interpreter>")
