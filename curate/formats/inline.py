@@ -3,13 +3,16 @@
 - `<code>` + a fenced python block + `</code>` (DeepEyesV2, Thyme, V-Thinker; a bare `<code>...</code>`
   without the fence is read too)
 - `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Metis, DeepEyesV2 search, Qwen)
-- `<sandbox_output>...</sandbox_output>` (Thyme), `<tool_response>...</tool_response>`
+- `<sandbox_output>...</sandbox_output>` (Thyme), `<tool_response>...</tool_response>`, or any other tag
+  (`split_observations`, `unwrap_tag`)
 - `<image>` placeholders, consumed in order from the row's image list
 - DeepEyesV2's "Code execution result:\\nstdout:\\n```...```\\nstderr:\\n```...```" observations, with or
   without the blank lines and the trailing "Images:" line its evaluation template adds
 
-Inline layouts carry no call ids: `link_calls` gives each call `call_<k>` and points the tool turns
-answering it at that id, as OpenAI-style rows would. The trainer's rollout parses model output with
+`CallParser` reads and writes the calls of any layout described by `CallSyntax`es (the inline specs of
+`spec.py`); `DEFAULT_CALLS` is the `<code>` / `<tool_call>` pair. Inline layouts carry no call ids:
+`link_calls` gives each call `call_<k>` and points the tool turns answering it at that id, as
+OpenAI-style rows would. The trainer's rollout parses model output with
 the same functions (`split_assistant_text`, `parse_calls`, `render_call`).
 """
 
@@ -239,11 +242,6 @@ def parts_to_text(parts: list[Part]) -> str:
 # --- observations ---------------------------------------------------------------------------
 
 
-def split_sandbox_outputs(text: str) -> list[tuple[str, str | None]]:
-    """Thyme responses: [(text before, output), ..., (tail, None)], output tags removed."""
-    return split_observations(text, ("sandbox_output",))
-
-
 def split_observations(text: str, tags: tuple[str, ...]) -> list[tuple[str, str | None]]:
     """Text with observations inline: [(text before, observation), ..., (tail, None)], the tags removed."""
     pieces: list[tuple[str, str | None]] = []
@@ -258,10 +256,6 @@ def split_observations(text: str, tags: tuple[str, ...]) -> list[tuple[str, str 
 @cache
 def _inline_observation(tags: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"<(?P<tag>{'|'.join(map(re.escape, tags))})>(?P<body>.*?)</(?P=tag)>", re.DOTALL)
-
-
-def render_sandbox_output(text: str) -> str:
-    return f"<sandbox_output>{text}</sandbox_output>"
 
 
 def render_tool_response(text: str) -> str:
