@@ -14,12 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import png_bytes
+from conftest import assert_accounting, png_bytes
 
 from curate.cli import main
 from curate.errors import UserError
 from curate.formats import MalformedRow, format_names, get_format, records, sniff_format
 from curate.formats.examples import EXAMPLE_QUESTION, format_example
+from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
 from curate.sandbox.trajectory import code_calls, other_tools
@@ -391,6 +392,29 @@ def test_recipe_specs_are_validated_like_stage_options(tmp_path: Path, spec: dic
         load_recipe(write_recipe(tmp_path, spec))
 
 
+
+
+def test_a_run_reads_a_spec_file_and_a_registration_through_the_workers(tmp_path: Path) -> None:
+    """Two workers parse the rows: the spec travels to them as a format name; bad rows are rejected as malformed."""
+    good = {"dialog": [{"speaker": "Q", "text": "2+2?"}, {"speaker": "A", "text": "<run>print(2+2)</run>"},
+                       {"speaker": "T", "text": "4"}, {"speaker": "A", "text": "<final>4</final>"}]}
+    (tmp_path / "rows.jsonl").write_text("\n".join([json.dumps(good), "", '{"dialog": "[oops"}', json.dumps(good)]) + "\n")
+    (tmp_path / "dataset_info.json").write_text('{"a": {"file_name": "a.jsonl", "formatting": "sharegpt",},}')
+    (tmp_path / "a.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                                                     {"from": "gpt", "value": "<answer>hello</answer>"}]}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"input": {"paths": [{"path": "rows.jsonl", "format": TOOLRL_SPEC}, "dataset_info.json"]},
+                                      "stages": [{"format": {}}], "output": {"kind": "sft"}, "batch_size": 1}))
+    manifest = LocalExecutor(load_recipe(recipe), tmp_path / "run", workers=2, cache_path=tmp_path / "cache.sqlite",
+                             progress=False).run()
+    assert_accounting(tmp_path / "run")
+    assert (manifest["input_rows"], manifest["kept_rows"]) == (4, 3)
+    (bad,) = pq.read_table(tmp_path / "run" / "rejected").to_pylist()
+    assert (bad["stage"], bad["reason"]) == ("read", "malformed")
+    assert bad["detail"].startswith("rows.jsonl row 1: 'dialog' is neither JSON nor a Python literal")
+    kept = [get_format("messages").parse(row, tmp_path) for row in records(next((tmp_path / "run" / "kept").glob("*.parquet")))]
+    assert sorted(s.source for s in kept) == ["a", "toolrl", "toolrl"]
+    assert [c.name for s in kept if s.source == "toolrl" for _, c in s.tool_calls()] == ["python", "python"]
 
 
 # --- curate formats ---------------------------------------------------------------------------------
