@@ -36,6 +36,14 @@ def read_all(fmt: str, path: Path) -> list[Sample]:
     return [get_format(fmt).parse(record, path.parent) for record in records(path)]
 
 
+def assert_round_trip(fmt: str, samples: list[Sample], folder: Path, filename: str) -> None:
+    """Samples read from the authors' layout survive write -> read in that layout."""
+    path = folder / "round_trip" / filename
+    path.parent.mkdir()
+    get_format(fmt).write(samples, path)
+    assert read_all(fmt, path) == samples
+
+
 def code_trajectory(sample_id: str) -> Sample:
     """A question with an image, a python call answered with text and an image, an answer."""
     return Sample(sample_id, "unit", [
@@ -127,6 +135,7 @@ def test_minio3_python_literal_conversations_and_grounding_crop_calls(tmp_path: 
     assert sample.answer == "Orange." and sample.images[2] == Image(png_bytes(2), "png")
     # crop is not python: the sandbox stages list it and run nothing
     assert code_calls(sample) == [] and other_tools(sample) == ["crop"]
+    assert_round_trip("minio3", [sample], tmp_path, "coldstart.parquet")
 
 
 @pytest.mark.parametrize(
@@ -177,6 +186,7 @@ def test_skywork_r1v4_real_inputs_with_trajectories(tmp_path: Path) -> None:
     assert first.messages[4].text == '{"results": ["a red skirt"], "type": "web_search"}'  # not {result, type}: verbatim
     assert first.answer == "Red."
     assert [c.call.name for c in code_calls(first)] == ["python"] and other_tools(first) == ["web_search"]
+    assert_round_trip("skywork_r1v4", samples, tmp_path, "results.jsonl")
 
 
 def pyvision_row(image: bytes, crop: bytes) -> dict[str, Any]:
@@ -217,6 +227,7 @@ def test_pyvision_parts_interpreter_turns_and_image_clue_variables(tmp_path: Pat
                                           TextPart("</image_clue_1>")]
     assert sample.images == [Image(png_bytes(5), "png"), Image(png_bytes(6), "png")]
     assert sample.answer == "STOP" and sample.id == "0"
+    assert_round_trip("pyvision", [sample], tmp_path, "results.json")
     get_format("pyvision").write([sample], tmp_path / "back.json")
     written = json.loads((tmp_path / "back.json").read_text())[0]["messages"][1]["content"]
     assert "image_clue_0.crop" in "".join(part.get("text", "") for part in written)  # the authors' names again
@@ -239,6 +250,7 @@ def test_vthinker_inline_sandbox_outputs_with_the_real_prompt(tmp_path: Path) ->
     assert sample.messages[0].tool_calls == [] and "<code>" in sample.messages[0].text
     assert sample.messages[3] == Message("tool", [TextPart("aux.png"), ImagePart(1)], tool_call_id="call_0")
     assert sample.messages[4].text == "Now it is clear.</think><answer>30</answer>" and sample.answer == "30"
+    assert_round_trip("vthinker", [sample], tmp_path, "vthinker.jsonl")
 
 
 # --- LLaMA-Factory registrations ---------------------------------------------------------------------
@@ -264,6 +276,7 @@ def test_deepeyesv2_registration_with_a_trailing_comma_reads_every_registered_fi
     assert first.messages[1].tool_calls == [ToolCall("python", {"code": "print(1)"}, "call_0")]
     assert first.messages[2] == Message("tool", text("1"), tool_call_id="call_0")
     assert first.images == [Image(png_bytes(9), "png")]
+    assert_round_trip("llamafactory", samples, tmp_path, "dataset_info.json")
 
 
 def test_registration_mappings_default_sharegpt_tags_and_system_column(tmp_path: Path) -> None:
