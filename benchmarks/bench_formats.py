@@ -79,10 +79,11 @@ def main() -> None:
             results[name] = (seconds, count, path.suffix)
         finally:
             shutil.rmtree(folder)
-        print(f"{name:16s} {path.suffix:9s} {count} rows in {seconds:6.2f} s: {count / seconds:8.0f} rows/s", flush=True)
+        print(f"{name:16s} {path.suffix:9s} {count} rows in {seconds:6.2f} s: {count / seconds:8.0f} rows/s",
+              flush=True)
     base = results["messages"][1] / results["messages"][0]
     print(f"\nratio to the messages reader ({base:.0f} rows/s), same run:")
-    for name, (seconds, count, suffix) in results.items():
+    for name, (seconds, count, _) in results.items():
         print(f"  {name:16s} {count / seconds / base:5.2f}")
 
 

@@ -18,9 +18,9 @@ from conftest import assert_accounting, png_bytes
 
 from curate.cli import main
 from curate.errors import UserError
+from curate.executor import LocalExecutor
 from curate.formats import MalformedRow, format_names, get_format, records, sniff_format
 from curate.formats.examples import EXAMPLE_QUESTION, format_example
-from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
 from curate.sandbox.trajectory import code_calls, other_tools

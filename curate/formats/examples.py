@@ -48,7 +48,8 @@ def _example_sample(fmt: Any) -> Sample:
         syntax = fmt.calls.syntaxes[0]
         call, observation = ToolCall(syntax.tool, {"bbox_2d": [0, 0, 10, 10]}), "Zoomed in: <image>"
     images = [Image(_PIXEL, "png")] + ([Image(_PIXEL, "png")] if "<image>" in observation else [])
-    tool_content = [TextPart(observation.removesuffix("<image>")), ImagePart(1)] if len(images) > 1 else text(observation)
+    shows_image = len(images) > 1
+    tool_content = [TextPart(observation.removesuffix("<image>")), ImagePart(1)] if shows_image else text(observation)
     return Sample("example-1", "example", [
         Message("user", [ImagePart(0), TextPart(EXAMPLE_QUESTION)]),
         Message("assistant", text("<think>Count them.</think>"), [call]),

@@ -118,7 +118,7 @@ class CallParser:
                 return f"<{syntax.tag}>{json.dumps(call.arguments, ensure_ascii=False)}</{syntax.tag}>"
         for syntax in self.syntaxes:
             if syntax.body == "json":
-                return render_tool_call_json(ToolCall(self.to_source.get(call.name, call.name), call.arguments), syntax.tag)
+                return render_tool_call_json(ToolCall(self.source_name(call), call.arguments), syntax.tag)
         return None
 
     def source_name(self, call: ToolCall | None) -> str:
@@ -278,7 +278,8 @@ def unwrap_tag(tag: str, text: str) -> str:
 @cache
 def _wrapped(tag: str) -> re.Pattern[str]:
     """One wrapped observation, possibly followed by the images it returned."""
-    return re.compile(rf"\A\s*<{re.escape(tag)}>(?P<body>.*?)</{re.escape(tag)}>(?P<images>(?:\s*<image>)*)\s*\Z", re.DOTALL)
+    open_, close = re.escape(f"<{tag}>"), re.escape(f"</{tag}>")
+    return re.compile(rf"\A\s*{open_}(?P<body>.*?){close}(?P<images>(?:\s*<image>)*)\s*\Z", re.DOTALL)
 
 
 def render_code_result(stdout: str, stderr: str = "") -> str:

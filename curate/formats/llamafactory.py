@@ -49,9 +49,11 @@ def registration_records(path: Path, registration: dict[str, dict[str, Any]]) ->
         where = f"{path}: dataset {dataset!r}"
         file_name = entry.get("file_name")
         if not isinstance(file_name, str):
-            raise UserError(f"{where} has no 'file_name' (hub and script datasets are not read); give its files as inputs")
+            raise UserError(f"{where} has no 'file_name' (hub and script datasets are not read); "
+                            "give its files as inputs")
         if entry.get("formatting", "alpaca") != "sharegpt":
-            raise UserError(f"{where} uses {entry.get('formatting', 'alpaca')!r} formatting; only 'sharegpt' chats are read")
+            formatting = entry.get("formatting", "alpaca")
+            raise UserError(f"{where} uses {formatting!r} formatting; only 'sharegpt' chats are read")
         data_path = path.parent / file_name
         if not data_path.is_file():
             raise UserError(f"{where}: file not found: {data_path}")
@@ -86,7 +88,8 @@ class LlamaFactoryFormat(Format):
         if not isinstance(mapping, dict) or "row" not in wrapper:
             raise MalformedRow(f"not a row read through a dataset_info.json (needs '{REGISTRATION_KEY}' and 'row')")
         columns, tags = mapping.get("columns") or {}, mapping.get("tags") or {}
-        fmt = _entry_format(str(mapping.get("dataset")), json.dumps(columns, sort_keys=True), json.dumps(tags, sort_keys=True))
+        fmt = _entry_format(str(mapping.get("dataset")), json.dumps(columns, sort_keys=True),
+                            json.dumps(tags, sort_keys=True))
         row = _with_system_turn(decode_record(wrapper["row"]), fmt, columns.get("system", _DEFAULT_COLUMNS["system"]))
         return fmt.parse(row, base_dir)
 

@@ -121,7 +121,8 @@ class InlineSpec(BaseModel):
     images: list[str] = Field(default_factory=lambda: ["images"])  # tried in order; none: images in content parts
     answer: list[str] = Field(default_factory=lambda: ["answer"])  # tried in order; written to the last
     answer_tag: str = ""  # when no answer column is present: the last <answer_tag>...</answer_tag>
-    calls: list[CallSpec] = Field(default_factory=lambda: [CallSpec(tag="code"), CallSpec(tag="tool_call", body="json")])
+    calls: list[CallSpec] = Field(default_factory=lambda: [CallSpec(tag="code"),
+                                                           CallSpec(tag="tool_call", body="json")])
     tool_names: dict[str, str] = Field(default_factory=dict)
     observation: ObservationSpec = Field(default_factory=ObservationSpec)
     image_variable: str = CANONICAL_IMAGE_VARIABLE
@@ -261,7 +262,8 @@ class SpecFormat(Format):
     def _assistant_turns(self, text: str, next_image: Callable[[], int]) -> list[Message]:
         """Assistant text as assistant turns with their calls, and tool turns where observations are inline."""
         observation = self.spec.observation
-        pieces = split_observations(text, tuple(observation.tags)) if observation.role == "assistant" else [(text, None)]
+        inline = observation.role == "assistant"
+        pieces = split_observations(text, tuple(observation.tags)) if inline else [(text, None)]
         messages: list[Message] = []
         for piece, output in pieces:
             prose, calls = self.calls.parse(piece)
