@@ -290,10 +290,13 @@ def test_registration_mappings_default_sharegpt_tags_and_system_column(tmp_path:
         {"from": "human", "value": "<image>Sum?"},
         {"from": "gpt", "value": '<tool_call>{"name": "calculator", "arguments": {"expr": "1+1"}}</tool_call>'},
         {"from": "observation", "value": "2"},
+        {"from": "function_call", "value": '{"name": "calculator", "arguments": {"expr": "2*2"}}'},
+        {"from": "observation", "value": "4"},
         {"from": "gpt", "value": "2"}]}) + "\n\n")
     (tmp_path / "custom.json").write_text(json.dumps([{"chat": [{"who": "me", "said": "hi"}, {"who": "bot", "said": "hello"}]}]))
     agent, custom = read_all("llamafactory", tmp_path / "dataset_info.json")
-    assert [m.role for m in agent.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert [m.role for m in agent.messages] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert agent.messages[4].tool_calls == [ToolCall("calculator", {"expr": "2*2"}, "call_1")]
     assert agent.messages[0].text == "Be brief." and agent.messages[1].image_indices == [0]
     assert agent.messages[3] == Message("tool", text("2"), tool_call_id="call_0")
     assert other_tools(agent) == ["calculator"]

@@ -4,8 +4,8 @@ Verified (Visual-Agent/DeepEyesV2 `cold_start/data/dataset_info.json`, which has
 is read anyway): each entry names a `file_name` beside the registration, its `formatting` and its
 `columns` / `tags` mappings. Entries with `sharegpt` formatting are read, in registration order, with
 their mappings applied (LLaMA-Factory's defaults where one is not given: `conversations`, `from` /
-`value`, `human` / `gpt` / `observation` / `function_call` / `system`; an observation turn is a tool
-turn), and the text conventions of DeepEyesV2 (`<code>` blocks, `<tool_call>` JSON, code-result and
+`value`, `human` / `gpt` / `observation` / `function_call` / `system`; a function_call turn's JSON is
+a call, an observation turn a tool turn), and the text conventions of DeepEyesV2 (`<code>` blocks, `<tool_call>` JSON, code-result and
 `<tool_response>` observations). A `system` column becomes the first turn. Each row travels as
 `{"llamafactory": {dataset, columns, tags}, "row": raw row}`, so a worker needs nothing else to parse
 it; the sample's source is the dataset's registered name. Hub, script and `alpaca` entries stop the
@@ -90,7 +90,9 @@ class LlamaFactoryFormat(Format):
         columns, tags = mapping.get("columns") or {}, mapping.get("tags") or {}
         fmt = _entry_format(str(mapping.get("dataset")), json.dumps(columns, sort_keys=True),
                             json.dumps(tags, sort_keys=True))
-        row = _with_system_turn(decode_record(wrapper["row"]), fmt, columns.get("system", _DEFAULT_COLUMNS["system"]))
+        row = decode_record(wrapper["row"])
+        row = _with_system_turn(row, fmt, columns.get("system", _DEFAULT_COLUMNS["system"]))
+        row = _with_inline_function_calls(row, fmt, (_DEFAULT_TAGS | tags)["function_tag"])
         return fmt.parse(row, base_dir)
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
@@ -105,6 +107,18 @@ class LlamaFactoryFormat(Format):
                           "assistant_tag": "assistant", "system_tag": "system"}}
         path.write_text(json.dumps({Path(DATA_FILE).stem: entry}, indent=2) + "\n", encoding="utf-8")
         return count
+
+
+def _with_inline_function_calls(row: dict[str, Any], fmt: SpecFormat, function_tag: str) -> dict[str, Any]:
+    """LLaMA-Factory's function_call turns hold `{"name", "arguments"}` JSON: read it as an inline `<tool_call>`."""
+    turns = row.get(fmt.spec.messages)
+    if not isinstance(turns, list):
+        return row
+    role, content = fmt.spec.role_key, fmt.spec.content_key
+    return {**row, fmt.spec.messages: [
+        {**turn, content: f"<tool_call>{turn[content]}</tool_call>"}
+        if isinstance(turn, dict) and turn.get(role) == function_tag and isinstance(turn.get(content), str) else turn
+        for turn in turns]}
 
 
 def _with_system_turn(row: dict[str, Any], fmt: SpecFormat, column: str) -> dict[str, Any]:
