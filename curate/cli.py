@@ -133,6 +133,25 @@ def stages() -> None:
 
 
 @main.command()
+def formats() -> None:
+    """Every input format, with the spec of the spec-based ones and a one-row example each."""
+    import tempfile
+
+    from curate.formats import format_names, get_format
+    from curate.formats.examples import format_example, shown
+    from curate.formats.spec import SpecFormat
+
+    for name in format_names():
+        fmt = get_format(name)
+        click.echo(f"{name}  {fmt.description}")
+        if isinstance(fmt, SpecFormat):
+            click.echo(f"  spec: {{inline: {shown(fmt.spec.model_dump(mode='json', exclude_defaults=True))}}}")
+        with tempfile.TemporaryDirectory() as folder:
+            example = format_example(name, Path(folder))
+            click.echo(f"  example ({example.path.name}): {shown(example.row)}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--stage", help="Only rows rejected by this stage.")
 @click.option("--reason", help="Only rows rejected for this reason.")

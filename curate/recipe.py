@@ -22,13 +22,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.errors import UserError
 from curate.formats import format_names
+from curate.formats.spec import InlineSpec
 from curate.registry import get_stage_class, suggest
 from curate.stage import Stage, StageOptions
 
@@ -36,13 +37,20 @@ from curate.stage import Stage, StageOptions
 class InputFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    format: str = "auto"
+    format: str | dict[str, Any] = "auto"  # a name, or {inline: {...}} (validated by `_format_name`)
 
 
 class InputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     paths: list[str | InputFile] = Field(min_length=1)
-    format: str = "auto"
+    format: str | dict[str, Any] = "auto"
+
+
+class FormatSpec(BaseModel):
+    """A format described in the recipe instead of named (see curate/formats/spec.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    inline: InlineSpec
 
 
 class OutputSpec(BaseModel):
@@ -113,7 +121,7 @@ def load_recipe(
     base_dir = Path(path).resolve().parent
     # Paths given on the command line are relative to the working directory, not the recipe.
     path_base = Path.cwd() if input_paths else base_dir
-    inputs = tuple(_input_source(entry, model.input.format, path_base) for entry in model.input.paths)
+    inputs = tuple(_input_source(entry, model.input.format, path_base, path) for entry in model.input.paths)
     stages = _stage_specs(model.stages, path)
     resolved = model.model_dump(exclude={"profiles"})
     resolved["input"] = [{"path": str(s.path), "format": s.format} for s in inputs]
@@ -174,15 +182,23 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _input_source(entry: str | InputFile, default_format: str, base_dir: Path) -> InputSource:
+def _input_source(entry: str | InputFile, default_format: str | dict[str, Any], base_dir: Path,
+                  recipe_path: Path) -> InputSource:
     path_text, fmt = (entry, default_format) if isinstance(entry, str) else (entry.path, entry.format)
     path = Path(path_text).expanduser()
     path = path if path.is_absolute() else (base_dir / path).resolve()
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
+    return InputSource(path, _format_name(fmt, f"{recipe_path}: input format"))
+
+
+def _format_name(fmt: str | dict[str, Any], where: str) -> str:
+    """A format name as the executors take it: a registered name, auto, or an inline spec as `inline:{json}`."""
+    if isinstance(fmt, dict):
+        return _validate(FormatSpec, fmt, where).inline.as_name()
     if fmt != "auto" and fmt not in format_names():
         raise UserError(f"unknown format {fmt!r}{suggest(fmt, format_names())}; choose one of: {', '.join(format_names())}")
-    return InputSource(path, fmt)
+    return fmt
 
 
 def _stage_specs(entries: list[dict[str, dict[str, Any] | None]], path: Path) -> tuple[StageSpec, ...]:
@@ -205,7 +221,8 @@ def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        errors = exc.errors()
+        error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a misspelt key explains a missing one
         field = ".".join(str(part) for part in error["loc"])
         if error["type"] == "extra_forbidden":
             valid = list(_model_at(model, error["loc"][:-1]).model_fields)
@@ -219,10 +236,11 @@ def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The nested model an error location points into (for suggesting its field names)."""
+    """The nested model an error location points into (for suggesting its field names), through lists too."""
     for part in loc:
         if isinstance(part, str) and part in model.model_fields:
             annotation = model.model_fields[part].annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                model = annotation
+            for candidate in (annotation, *get_args(annotation)):
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    model = candidate
     return model

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,12 +57,17 @@ def records(path: Path, batch_rows: int = 256) -> Iterator[Any]:
                     yield line
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = loads_tolerant(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: not valid JSON ({exc}); fix the file or convert it to JSONL") from exc
-        if not isinstance(data, list):
-            raise UserError(f"{path}: a JSON input must be an array of rows")
-        yield from data
+        from curate.formats.llamafactory import is_registration, registration_records
+
+        if is_registration(data):
+            yield from registration_records(path, data)
+        elif isinstance(data, list):
+            yield from data
+        else:
+            raise UserError(f"{path}: a JSON input must be an array of rows or a LLaMA-Factory dataset_info.json")
     elif suffix == ".parquet":
         for batch in open_parquet(path).iter_batches(batch_size=batch_rows):
             yield from batch.to_pylist()
@@ -90,12 +97,30 @@ def decode_record(record: Any) -> dict[str, Any]:
     """A JSONL line or an already-decoded row as a dict, or MalformedRow."""
     if isinstance(record, str):
         try:
-            record = json.loads(record)
+            record = loads_tolerant(record)
         except json.JSONDecodeError as exc:
             raise MalformedRow(f"bad JSON: {exc}") from exc
     if not isinstance(record, dict):
         raise MalformedRow(f"row is a {type(record).__name__}, expected an object")
     return record
+
+
+# A JSON string (skipped whole, so commas inside it stay) or a comma before a closing bracket.
+_STRING_OR_TRAILING_COMMA = re.compile(r'"(?:[^"\\]|\\.)*"|,(?=\s*[}\]])')
+
+
+def loads_tolerant(text: str) -> Any:
+    """JSON, also with trailing commas (LLaMA-Factory registrations have them); the first error otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        fixed = _STRING_OR_TRAILING_COMMA.sub(lambda m: m.group(0) if m.group(0) != "," else "", text)
+        if fixed == text:
+            raise
+        try:
+            return json.loads(fixed)
+        except json.JSONDecodeError:
+            raise error from None
 
 
 def json_object(value: Any, label: str) -> dict[str, Any]:
@@ -142,14 +167,42 @@ def register_format(cls: type[Format]) -> type[Format]:
 
 def _load_builtin_formats() -> None:
     # Imported for their @register_format side effect.
-    from curate.formats import deepeyes, messages, metis_coldstart, thyme, verl  # noqa: F401
+    from curate.formats import (  # noqa: F401
+        deepeyes,
+        llamafactory,
+        messages,
+        metis_coldstart,
+        minio3,
+        pyvision,
+        skywork,
+        thyme,
+        verl,
+        vthinker,
+    )
 
 
 def get_format(name: str) -> Format:
     _load_builtin_formats()
+    if name.startswith(INLINE_PREFIX):
+        return _inline_format(name)
     if name not in _FORMATS:
         raise UserError(f"unknown format {name!r}; choose one of: {', '.join(sorted(_FORMATS))}")
     return _FORMATS[name]
+
+
+INLINE_PREFIX = "inline:"  # a format given as a spec travels as `inline:{spec JSON}` (see formats/spec.py)
+
+
+@cache
+def _inline_format(name: str) -> Format:
+    from pydantic import ValidationError
+
+    from curate.formats.spec import InlineSpec, SpecFormat
+
+    try:
+        return SpecFormat(InlineSpec.model_validate_json(name.removeprefix(INLINE_PREFIX)))
+    except ValidationError as exc:
+        raise UserError(f"invalid inline format spec: {exc.errors()[0]['msg']}") from None
 
 
 def format_names() -> list[str]:

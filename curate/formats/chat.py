@@ -1,8 +1,9 @@
 """Chats whose tool calls are written inline and whose observations come back as user turns.
 
-Metis-ColdStart and DeepEyesV2 share this shape: an assistant turn writes its calls in its text
-(`<tool_call>` JSON or `<code>` blocks); each following user turn answers one call. The reader
-turns those user turns into canonical `tool` turns; the writer turns them back.
+Metis-ColdStart has this shape: an assistant turn writes its calls in its text (`<tool_call>` JSON
+or `<code>` blocks); each following user turn answers one call. The reader turns those user turns
+into canonical `tool` turns; the writer turns them back. (DeepEyesV2 and the other inline layouts
+are declarative specs, read by `spec.py`.)
 """
 
 from __future__ import annotations
