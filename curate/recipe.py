@@ -13,7 +13,8 @@
       local:                           # chosen with --local; merged over the recipe
         stages: {image_dedup: {max_distance: 2}}
 
-Relative input paths resolve against the recipe file's folder.
+Relative input paths resolve against the recipe file's folder. Any fsspec URL works too
+(`s3://bucket/raw/*.parquet`, `gs://...`, `hf://datasets/org/name/...`, `https://...`); globs are expanded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from curate import storage
 from curate.errors import UserError
 from curate.formats import format_names
 from curate.registry import get_stage_class, suggest
@@ -64,7 +66,7 @@ class RecipeModel(BaseModel):
 
 @dataclass(frozen=True)
 class InputSource:
-    path: Path
+    path: str  # a local path or an fsspec URL
     format: str  # a format name, or "auto" to sniff
 
 
@@ -113,10 +115,10 @@ def load_recipe(
     base_dir = Path(path).resolve().parent
     # Paths given on the command line are relative to the working directory, not the recipe.
     path_base = Path.cwd() if input_paths else base_dir
-    inputs = tuple(_input_source(entry, model.input.format, path_base) for entry in model.input.paths)
+    inputs = tuple(source for entry in model.input.paths for source in _input_sources(entry, model.input.format, path_base))
     stages = _stage_specs(model.stages, path)
     resolved = model.model_dump(exclude={"profiles"})
-    resolved["input"] = [{"path": str(s.path), "format": s.format} for s in inputs]
+    resolved["input"] = [{"path": s.path, "format": s.format} for s in inputs]
     resolved["stages"] = [{s.name: s.options.model_dump(mode="json")} for s in stages]
     return Recipe(
         name=model.name or Path(path).stem,
@@ -174,15 +176,12 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _input_source(entry: str | InputFile, default_format: str, base_dir: Path) -> InputSource:
-    path_text, fmt = (entry, default_format) if isinstance(entry, str) else (entry.path, entry.format)
-    path = Path(path_text).expanduser()
-    path = path if path.is_absolute() else (base_dir / path).resolve()
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
+def _input_sources(entry: str | InputFile, default_format: str, base_dir: Path) -> list[InputSource]:
+    """The files one `paths` entry names: a local path (relative to `base_dir`) or any fsspec URL, globs expanded."""
+    pattern, fmt = (entry, default_format) if isinstance(entry, str) else (entry.path, entry.format)
     if fmt != "auto" and fmt not in format_names():
         raise UserError(f"unknown format {fmt!r}{suggest(fmt, format_names())}; choose one of: {', '.join(format_names())}")
-    return InputSource(path, fmt)
+    return [InputSource(location, fmt) for location in storage.expand(pattern, base_dir)]
 
 
 def _stage_specs(entries: list[dict[str, dict[str, Any] | None]], path: Path) -> tuple[StageSpec, ...]:

@@ -132,7 +132,7 @@ def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_pa
                                str(tmp_path / "c.sqlite")], env={**os.environ, "PYTHONPATH": str(TESTS)})
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        state = RunDir(run_dir).load_state() if (run_dir / "state" / "state.pkl").exists() else None
+        state = RunDir(run_dir).load_state()
         if state and state.batches_done >= 3:
             break
         time.sleep(0.1)
