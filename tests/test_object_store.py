@@ -189,7 +189,8 @@ def test_bad_storage_input_is_one_line_naming_the_url_before_any_work(s3: S3, s3
         (s3_server[1], [good], str(tmp_path / "r4"), f"{good}: access denied"),
         ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
           "AWS_CONFIG_FILE": "/nonexistent"}, [good], str(tmp_path / "r5"), f"{good}: no credentials found"),
-        ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port}"}, [good], str(tmp_path / "r6"),
+        # (one attempt: the test need not wait for botocore's retries, about 10 s)
+        ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed_port}", "AWS_MAX_ATTEMPTS": "1"}, [good], str(tmp_path / "r6"),
          f"{good}: cannot reach the storage endpoint"),
     ]
     for overrides, inputs, run_dir, expected in cases:
