@@ -94,11 +94,9 @@ def _iam_user(endpoint: str, name: str, policy: dict | None) -> tuple[str, str]:
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[tuple[S3, dict[str, str]]]:
+@contextlib.contextmanager
+def running_s3_server() -> Iterator[tuple[S3, dict[str, str]]]:
     """The server, and a second user's AWS environment: one without any permission."""
-    pytest.importorskip("moto", reason="the object-store tests need the dev extra (moto[server], s3fs)")
-    pytest.importorskip("s3fs", reason="the object-store tests need the dev extra (moto[server], s3fs)")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -119,6 +117,14 @@ def s3_server() -> Iterator[tuple[S3, dict[str, str]]]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[tuple[S3, dict[str, str]]]:
+    pytest.importorskip("moto", reason="the object-store tests need the dev extra (moto[server], s3fs)")
+    pytest.importorskip("s3fs", reason="the object-store tests need the dev extra (moto[server], s3fs)")
+    with running_s3_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
