@@ -38,7 +38,7 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--input", "inputs", multiple=True,
-              help="Input file(s), replacing the recipe's (repeatable): paths or fsspec URLs (s3://, gs://, hf://), globs.")
+              help="Input file(s) replacing the recipe's (repeatable): paths or fsspec URLs (s3://, hf://, ...), globs.")
 @click.option("--format", "format_name", help="Reader for the inputs (default: sniffed per file).")
 @click.option("-o", "--output", "run_dir", help="Run directory, a path or an fsspec URL [runs/<recipe name>].")
 @click.option("--local", is_flag=True, help="Use the recipe's `local` profile (CPU backends, local judge).")
@@ -106,7 +106,7 @@ def stages() -> None:
 @click.option("--show", "show_id", help="Print one sample (kept or rejected) in full.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows to list with --stage/--reason.")
 def inspect(run_dir: str, stage: str | None, reason: str | None, show_id: str | None, limit: int) -> None:
-    """Print the funnel and rejection reasons of RUN_DIR (a path or URL), the rejected rows of a stage or reason, or one sample."""
+    """Print the funnel and rejection reasons of RUN_DIR (a path or URL), a stage's or reason's rejected rows, or one sample."""
     from curate.inspect import Run, render_text
 
     run = Run(run_dir)

@@ -115,7 +115,8 @@ def load_recipe(
     base_dir = Path(path).resolve().parent
     # Paths given on the command line are relative to the working directory, not the recipe.
     path_base = Path.cwd() if input_paths else base_dir
-    inputs = tuple(source for entry in model.input.paths for source in _input_sources(entry, model.input.format, path_base))
+    inputs = tuple(source for entry in model.input.paths
+                   for source in _input_sources(entry, model.input.format, path_base))
     stages = _stage_specs(model.stages, path)
     resolved = model.model_dump(exclude={"profiles"})
     resolved["input"] = [{"path": s.path, "format": s.format} for s in inputs]

@@ -187,7 +187,10 @@ class RunDir:
     def load_state(self) -> RunState | None:
         """The newest committed state; None before the first one."""
         for path in self._state_files():
-            state = unseal(self.fs.cat_file(path))
+            try:
+                state = unseal(self.fs.cat_file(path))
+            except FileNotFoundError:  # superseded since the listing: a running commit (seen by an observer)
+                continue
             if state is not None:
                 return state
         return None

@@ -162,7 +162,8 @@ def describe(location: str, exc: BaseException) -> str | None:
         return f"{location}: no credentials found; {_credentials_hint(location)}"
     if isinstance(exc, PermissionError) and not is_url(location):
         return f"{location}: permission denied; check the file's permissions"
-    if isinstance(exc, PermissionError) or kind in ("ClientAuthenticationError", "Forbidden") or _status(exc) in (401, 403):
+    if isinstance(exc, PermissionError) or kind in ("ClientAuthenticationError", "Forbidden") \
+            or _status(exc) in (401, 403):
         return (f"{location}: access denied ({_first_line(text) or kind}); check the credentials"
                 f" ({_credentials_hint(location)}) and that they may read/write this location")
     if isinstance(exc, FileNotFoundError) or _status(exc) == 404:
@@ -173,7 +174,8 @@ def describe(location: str, exc: BaseException) -> str | None:
         return (f"{location}: cannot reach the storage endpoint ({_first_line(text) or kind}); check the endpoint"
                 " (e.g. AWS_ENDPOINT_URL or FSSPEC_S3_ENDPOINT_URL for S3-compatible stores) and the network")
     if isinstance(exc, OSError) and is_url(location):
-        return f"{location}: storage error ({_first_line(text) or kind}); check the URL, the endpoint and the credentials"
+        return (f"{location}: storage error ({_first_line(text) or kind}); check the URL, the endpoint and the"
+                " credentials")
     return None
 
 

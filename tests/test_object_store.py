@@ -203,7 +203,8 @@ def test_bad_storage_input_is_one_line_naming_the_url_before_any_work(s3: S3, s3
     recipe = recipe_file(tmp_path / "cli.yaml", [f"{sample_on_s3}/missing.jsonl"])
     result = subprocess.run([sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "cli")],
                             capture_output=True, text=True, cwd=REPO, env={**os.environ, **s3.env})
-    assert result.returncode == 2 and result.stderr.strip() == f"error: input file not found: {sample_on_s3}/missing.jsonl"
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: input file not found: {sample_on_s3}/missing.jsonl"
 
 
 def unused_port() -> int:
