@@ -144,10 +144,6 @@ class RunDir:
     def _at(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def url(self, *parts: str) -> str:
-        """A location inside the run directory, as the user would write it."""
-        return storage.join(self.location, *parts)
-
     # --- lifecycle -------------------------------------------------------
 
     def open(self, recipe_sha256: str, resolved_recipe: dict[str, Any], inputs: list[tuple[str, int, str]],
