@@ -10,6 +10,7 @@ from typing import Any
 import click
 import polars as pl
 
+from curate import storage
 from curate.cache import DEFAULT_CACHE_PATH
 from curate.errors import UserError
 
@@ -36,9 +37,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--input", "inputs", multiple=True, help="Input file(s), replacing the recipe's (repeatable).")
+@click.option("--input", "inputs", multiple=True,
+              help="Input file(s) replacing the recipe's (repeatable): paths or fsspec URLs (s3://, hf://, ...), globs.")
 @click.option("--format", "format_name", help="Reader for the inputs (default: sniffed per file).")
-@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), help="Run directory [runs/<recipe name>].")
+@click.option("-o", "--output", "run_dir", help="Run directory, a path or an fsspec URL [runs/<recipe name>].")
 @click.option("--local", is_flag=True, help="Use the recipe's `local` profile (CPU backends, local judge).")
 @click.option("--profile", help="Use another named profile of the recipe.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -50,7 +52,7 @@ def main() -> None:
               help="SQLite cache of probe and judge results, shared across runs.")
 @click.option("--force", is_flag=True, help="Discard an existing run directory of a different recipe.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs, CI).")
-def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir: Path | None, local: bool,
+def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir: str | None, local: bool,
         profile: str | None, executor: str, address: str | None, workers: int | None, cache_path: Path, force: bool,
         no_progress: bool) -> None:
     """Run RECIPE; rerunning on the same run directory resumes it (with either executor)."""
@@ -62,7 +64,7 @@ def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir:
     if address and executor != "ray":
         raise UserError("--address names a Ray cluster; add --executor ray")
     loaded = load_recipe(recipe, profile="local" if local else profile, input_paths=list(inputs), format_name=format_name)
-    run_dir = run_dir or Path("runs") / loaded.name
+    run_dir = run_dir or str(Path("runs") / loaded.name)
     if executor == "ray":
         from curate.ray_executor import RayExecutor
 
@@ -78,8 +80,8 @@ def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir:
         sys.exit(1)
     click.echo(funnel_table(manifest))
     click.echo(
-        f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept ({run_dir / 'kept'}),"
-        f" {manifest['rejected_rows']} rejected ({run_dir / 'rejected'})"
+        f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept ({storage.join(run_dir, 'kept')}),"
+        f" {manifest['rejected_rows']} rejected ({storage.join(run_dir, 'rejected')})"
     )
 
 
@@ -152,13 +154,13 @@ def formats() -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("run_dir")
 @click.option("--stage", help="Only rows rejected by this stage.")
 @click.option("--reason", help="Only rows rejected for this reason.")
 @click.option("--show", "show_id", help="Print one sample (kept or rejected) in full.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Rows to list with --stage/--reason.")
-def inspect(run_dir: Path, stage: str | None, reason: str | None, show_id: str | None, limit: int) -> None:
-    """Print the funnel and rejection reasons of RUN_DIR, the rejected rows of a stage or reason, or one sample."""
+def inspect(run_dir: str, stage: str | None, reason: str | None, show_id: str | None, limit: int) -> None:
+    """Print the funnel and rejection reasons of RUN_DIR (a path or URL), a stage's or reason's rejected rows, or one sample."""
     from curate.inspect import Run, render_text
 
     run = Run(run_dir)

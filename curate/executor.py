@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from curate import storage
 from curate.cache import DEFAULT_CACHE_PATH
 from curate.errors import UserError
 from curate.formats import Format, MalformedRow, count_records, get_format, raw_text, records, sniff_format
@@ -39,9 +40,9 @@ class StageError(RuntimeError):
 
 @dataclass(frozen=True)
 class SourceReader:
-    """One input file and the format that parses its rows."""
+    """One input file (a local path or a URL: each process opens it itself) and the format that parses its rows."""
 
-    path: Path
+    path: str
     format_name: str
 
     @property
@@ -71,13 +72,14 @@ def parse_rows(sources: list[SourceReader], rows: list[Row]) -> BatchResult:
     rejected: list[Rejection] = []
     for source_index, row_index, record in rows:
         source = sources[source_index]
-        origin = {"file": source.path.name, "row": row_index}
+        file_name = storage.name(source.path)
+        origin = {"file": file_name, "row": row_index}
         try:
-            sample = source.format.parse(record, source.path.parent)
+            sample = source.format.parse(record, storage.parent(source.path))
         except MalformedRow as exc:
             raw = raw_text(record)
-            bad = Sample(id=content_id(source.path.name, row_index, raw), source=source.path.name, meta={"input": origin, "raw": raw})
-            rejected.append(Rejection(bad, READ_STAGE, "malformed", f"{source.path.name} row {row_index}: {exc}"))
+            bad = Sample(id=content_id(file_name, row_index, raw), source=file_name, meta={"input": origin, "raw": raw})
+            rejected.append(Rejection(bad, READ_STAGE, "malformed", f"{file_name} row {row_index}: {exc}"))
             continue
         sample.meta["input"] = origin
         kept.append(sample)
@@ -198,13 +200,14 @@ class Executor:
     order (so `rows_done` is a prefix of the input and a killed run resumes right after it), finalise.
     Subclasses say where the stages run, in `_results`."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, workers: int = 1, cache_path: Path = DEFAULT_CACHE_PATH,
+    def __init__(self, recipe: Recipe, run_dir: str | Path, workers: int = 1, cache_path: Path = DEFAULT_CACHE_PATH,
                  progress: bool = True) -> None:
         self.recipe = recipe
         self.run_dir = RunDir(run_dir)
         self.workers = max(1, workers)
         self.progress = progress
-        self.context = StageContext(cache_path=Path(cache_path), scratch_dir=self.run_dir.path / "scratch")
+        # The cache and the scratch folder stay on local disk, whatever store the run directory is on.
+        self.context = StageContext(cache_path=Path(cache_path), scratch_dir=storage.local_scratch(run_dir))
         self.sources = [
             SourceReader(s.path, sniff_format(s.path) if s.format == "auto" else s.format) for s in recipe.inputs
         ]

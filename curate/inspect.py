@@ -7,8 +7,9 @@
     run.rejected(stage="image_dedup").collect()    # lazy: scanning, not loading
     run.show("sft0-00039")                         # the sample as HTML in a notebook
 
-Rejected shards are scanned lazily (`polars.scan_parquet`), so a run with millions of rejected rows
-opens at once and a filter reads only what it needs.
+Rejected shards are scanned lazily (`polars.scan_parquet`; through fsspec for a run on an object store,
+`Run("s3://bucket/runs/sft")`), so a run with millions of rejected rows opens at once and a filter reads
+only what it needs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.dataset as ds
 
 from curate.errors import UserError
 from curate.formats import get_format
@@ -40,9 +42,19 @@ def funnel_frame(manifest: dict[str, Any]) -> pl.DataFrame:
 
 
 class Run:
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.manifest = RunDir(self.path).manifest()
+    def __init__(self, location: str | Path) -> None:
+        """A finished run directory: a local path or any fsspec URL (`s3://bucket/runs/sft`)."""
+        self.location = str(location)
+        self.run_dir = RunDir(location)
+        self.manifest = self.run_dir.manifest()
+
+    def _scan(self, entries: list[dict[str, Any]]) -> pl.LazyFrame:
+        """Shards scanned lazily: by polars on local disk, through the run's fsspec store elsewhere."""
+        paths = [self.run_dir.path_of(entry["path"]) for entry in entries]
+        filesystem = self.run_dir.arrow_filesystem()
+        if filesystem is None:
+            return pl.scan_parquet(paths)
+        return pl.scan_pyarrow_dataset(ds.dataset(paths, format="parquet", filesystem=filesystem))
 
     # --- tables ------------------------------------------------------------------
 
@@ -61,10 +73,9 @@ class Run:
 
     def rejected(self, stage: str | None = None, reason: str | None = None, source: str | None = None) -> pl.LazyFrame:
         """Rejected rows (lazy), optionally filtered; columns: the canonical row + stage, reason, detail."""
-        shards = [self.path / entry["path"] for entry in self.manifest["rejected"]]
-        if not shards:
+        if not self.manifest["rejected"]:
             return pl.LazyFrame(schema={"id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String})
-        frame = pl.scan_parquet(shards)
+        frame = self._scan(self.manifest["rejected"])
         for column, value in (("stage", stage), ("reason", reason), ("source", source)):
             if value is not None:
                 frame = frame.filter(pl.col(column) == value)
@@ -75,7 +86,7 @@ class Run:
         return self.rejected(stage, reason, source).select("id", "source", "stage", "reason", "detail").collect()
 
     def kept(self) -> pl.LazyFrame:
-        return pl.scan_parquet([self.path / entry["path"] for entry in self.manifest["outputs"]])
+        return self._scan(self.manifest["outputs"])
 
     def scores(self) -> pl.DataFrame:
         """Every numeric annotation stages left in `meta` (judge scores, pass rates, ...), kept and rejected alike,
@@ -108,8 +119,8 @@ class Run:
         id_column = pl.col("id") if self.manifest["output_kind"] == "sft" else pl.col("extra_info").struct.field("id")
         kept = self.kept().filter(id_column == sample_id).collect()
         if kept.height:
-            return fmt.parse(kept.row(0, named=True), self.path), None
-        raise UserError(f"{self.path}: no sample with id {sample_id!r}")
+            return fmt.parse(kept.row(0, named=True), self.location), None
+        raise UserError(f"{self.location}: no sample with id {sample_id!r}")
 
     def show(self, sample_id: str) -> Any:
         """The sample rendered for a notebook (an IPython HTML object)."""

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from curate import storage
 from curate.cache import DEFAULT_CACHE_PATH
 from curate.errors import UserError
 from curate.executor import (
@@ -49,7 +50,8 @@ from curate.stage import Stage, StageContext
 # Environment the stages read in the workers (keys, model and cache folders, where third-party stages are
 # imported from); a cluster started elsewhere does not have the driver's environment, so it travels in the
 # job's runtime_env.
-FORWARDED_ENV_PREFIXES = ("CURATE_", "GEMINI_", "GOOGLE_", "OPENAI_", "HF_", "TRANSFORMERS_", "VLLM_", "PYTHONPATH")
+FORWARDED_ENV_PREFIXES = ("CURATE_", "GEMINI_", "GOOGLE_", "OPENAI_", "HF_", "TRANSFORMERS_", "VLLM_", "PYTHONPATH",
+                          "AWS_", "FSSPEC_")
 
 
 def import_ray() -> Any:
@@ -71,7 +73,7 @@ def envelope(rows: int, payload: Any) -> pa.Table:
     return pa.table({"rows": pa.array([rows], pa.int64()), "payload": pa.array([pickle.dumps(payload)], pa.binary())})
 
 
-def row_count(path: Any) -> int:
+def row_count(path: str) -> int:
     counted = count_records(path)
     return counted if counted is not None else sum(1 for _ in records(path))
 
@@ -114,12 +116,14 @@ def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int) ->
     tasks = []
     to_skip = skip
     for index, source in enumerate(sources):
-        count = row_count(source.path)
-        if to_skip >= count:  # this file was committed whole before the run was stopped
+        # Files are counted only to skip what a killed run committed: a fresh run reads each file once, in its
+        # read task, on a worker.
+        count = row_count(source.path) if to_skip else count_records(source.path)
+        if to_skip and to_skip >= count:  # this file was committed whole before the run was stopped
             to_skip -= count
             continue
-        metadata = BlockMetadata(num_rows=math.ceil((count - to_skip) / batch_rows),
-                                 size_bytes=source.path.stat().st_size, input_files=[str(source.path)],
+        batches = None if count is None else math.ceil((count - to_skip) / batch_rows)
+        metadata = BlockMetadata(num_rows=batches, size_bytes=storage.size(source.path), input_files=[source.path],
                                  exec_stats=None)
         tasks.append(ReadTask(lambda i=index, s=source, k=to_skip: read_batches(i, s, k, batch_rows), metadata))
         to_skip = 0
@@ -128,7 +132,7 @@ def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int) ->
 
     class InputBatches(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return sum(source.path.stat().st_size for source in sources)
+            return sum(task.metadata.size_bytes for task in tasks)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
@@ -243,7 +247,7 @@ def plan_operators(specs: tuple[StageSpec, ...], stages: dict[str, Stage], worke
 class RayExecutor(Executor):
     """`curate run --executor ray [--address ADDR]`: Ray Data runs the stages, this process commits."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, workers: int | None = None,
+    def __init__(self, recipe: Recipe, run_dir: str | Path, workers: int | None = None,
                  cache_path: Path = DEFAULT_CACHE_PATH, progress: bool = True, address: str | None = None) -> None:
         super().__init__(recipe, run_dir, workers or 1, cache_path, progress)
         self.workers_given = workers  # None: as many as the cluster has CPUs

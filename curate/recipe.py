@@ -13,7 +13,8 @@
       local:                           # chosen with --local; merged over the recipe
         stages: {image_dedup: {max_distance: 2}}
 
-Relative input paths resolve against the recipe file's folder.
+Relative input paths resolve against the recipe file's folder. Any fsspec URL works too
+(`s3://bucket/raw/*.parquet`, `gs://...`, `hf://datasets/org/name/...`, `https://...`); globs are expanded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from curate import storage
 from curate.errors import UserError
 from curate.formats import format_names
 from curate.formats.spec import InlineSpec
@@ -72,7 +74,7 @@ class RecipeModel(BaseModel):
 
 @dataclass(frozen=True)
 class InputSource:
-    path: Path
+    path: str  # a local path or an fsspec URL
     format: str  # a format name, or "auto" to sniff
 
 
@@ -121,10 +123,11 @@ def load_recipe(
     base_dir = Path(path).resolve().parent
     # Paths given on the command line are relative to the working directory, not the recipe.
     path_base = Path.cwd() if input_paths else base_dir
-    inputs = tuple(_input_source(entry, model.input.format, path_base, path) for entry in model.input.paths)
+    inputs = tuple(source for entry in model.input.paths
+                   for source in _input_sources(entry, model.input.format, path_base, path))
     stages = _stage_specs(model.stages, path)
     resolved = model.model_dump(exclude={"profiles"})
-    resolved["input"] = [{"path": str(s.path), "format": s.format} for s in inputs]
+    resolved["input"] = [{"path": s.path, "format": s.format} for s in inputs]
     resolved["stages"] = [{s.name: s.options.model_dump(mode="json")} for s in stages]
     return Recipe(
         name=model.name or Path(path).stem,
@@ -182,14 +185,12 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _input_source(entry: str | InputFile, default_format: str | dict[str, Any], base_dir: Path,
-                  recipe_path: Path) -> InputSource:
-    path_text, fmt = (entry, default_format) if isinstance(entry, str) else (entry.path, entry.format)
-    path = Path(path_text).expanduser()
-    path = path if path.is_absolute() else (base_dir / path).resolve()
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
-    return InputSource(path, _format_name(fmt, f"{recipe_path}: input format"))
+def _input_sources(entry: str | InputFile, default_format: str | dict[str, Any], base_dir: Path,
+                   recipe_path: Path) -> list[InputSource]:
+    """The files one `paths` entry names: a local path (relative to `base_dir`) or any fsspec URL, globs expanded."""
+    pattern, fmt = (entry, default_format) if isinstance(entry, str) else (entry.path, entry.format)
+    name = _format_name(fmt, f"{recipe_path}: input format")
+    return [InputSource(location, name) for location in storage.expand(pattern, base_dir)]
 
 
 def _format_name(fmt: str | dict[str, Any], where: str) -> str:

@@ -1,29 +1,33 @@
 """The run directory: committed batches, resume state, final shards and the manifest.
 
-    RUN_DIR/
-      recipe.yaml          the resolved recipe this run executes
-      state/state.pkl      rows done, funnel so far, stateful stages' state (atomic)
-      state/kept/          one canonical parquet part per committed batch
-      state/rejected/      one parquet part per committed batch (+ stage, reason, detail)
-      kept/                output shards of the recipe's kind (sft or rl)
-      rejected/            every rejected sample whole, with stage, reason, detail
-      manifest.json        written last
+    RUN_DIR/                          a local folder or any fsspec URL (s3://bucket/runs/sft, ...)
+      recipe.yaml                     the resolved recipe this run executes
+      state/state-<batches>.pkl       the committed state: rows done, funnel so far, stateful stages' state,
+                                      the names of the committed parts (checksummed)
+      state/kept/part-<batch>-<token>.parquet       one canonical parquet part per committed batch
+      state/rejected/part-<batch>-<token>.parquet   one per committed batch (+ stage, reason, detail)
+      kept/                           output shards of the recipe's kind (sft or rl)
+      rejected/                       every rejected sample whole, with stage, reason, detail
+      manifest.json                   written last
 
-A batch is committed by writing its parts (write, then rename) and then the
-state that counts them; a part whose batch number is not yet in the state is
-debris of a killed run and is deleted on resume. Final shards are rebuilt from
-the parts, so a run killed while finalising simply finalises again.
+Object stores have no rename, so nothing here relies on one. A batch is committed by writing its parts
+under fresh unique names, then a new state object that names them (then the previous state object is
+deleted). Each object is written whole or not at all on a store; on a local disk a torn write fails its
+checksum. Resume loads the newest valid state; a part no committed state names, and any other state
+object, is debris of a killed run and is deleted. Final shards are rebuilt from the named parts, so a
+run killed while finalising simply finalises again; the manifest, written last, marks the run complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import shutil
+import re
+import secrets
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -31,9 +35,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 
+from curate import storage
 from curate.errors import UserError
 from curate.formats import get_format
 from curate.sample import ROW_SCHEMA, Sample
@@ -77,7 +84,8 @@ class RunState:
     stats: dict[str, StageStats] = field(default_factory=dict)
     stage_states: dict[str, Any] = field(default_factory=dict)
     resumed: int = 0
-    inputs: list[tuple[str, int, int]] = field(default_factory=list)  # (path, size, mtime_ns) at start
+    inputs: list[tuple[str, int, str]] = field(default_factory=list)  # (location, size, mtime or ETag) at start
+    parts: list[str] = field(default_factory=list)  # the committed parts' names, in commit order
 
 
 @dataclass(frozen=True)
@@ -88,24 +96,9 @@ class Rejection:
     detail: str
 
 
-def fingerprint(paths: Iterable[Path]) -> list[tuple[str, int, int]]:
+def fingerprint(locations: Iterable[str]) -> list[tuple[str, int, str]]:
     """What identifies the input files cheaply: a changed file cannot be resumed into."""
-    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    return [storage.version(location) for location in locations]
 
 
 def file_sha256(path: Path) -> str:
@@ -116,140 +109,222 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def rejected_table(rejections: list[Rejection]) -> pa.Table:
     rows = [{**r.sample.to_row(), "stage": r.stage, "reason": r.reason, "detail": r.detail} for r in rejections]
     return pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
 
 
+def seal(state: RunState) -> bytes:
+    """The state with a checksum in front, so a torn write is recognised and never resumed from."""
+    payload = pickle.dumps(state)
+    return hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def unseal(blob: bytes) -> RunState | None:
+    digest, _, payload = blob.partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        return None
+    return pickle.loads(payload)
+
+
 class RunDir:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.state_dir = self.path / "state"
-        self.kept_parts = self.state_dir / "kept"
-        self.rejected_parts = self.state_dir / "rejected"
-        self.state_file = self.state_dir / "state.pkl"
-        self.manifest_file = self.path / "manifest.json"
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)  # as the user wrote it, for messages
+        self.fs, self.root = storage.filesystem(location)
+        self.kept_parts = self._at("state", "kept")
+        self.rejected_parts = self._at("state", "rejected")
+        self.manifest_file = self._at("manifest.json")
+
+    def _at(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
 
     # --- lifecycle -------------------------------------------------------
 
-    def open(self, recipe_sha256: str, resolved_recipe: dict[str, Any], inputs: list[tuple[str, int, int]],
+    def open(self, recipe_sha256: str, resolved_recipe: dict[str, Any], inputs: list[tuple[str, int, str]],
              force: bool) -> RunState:
         """Start a run here, or resume the one that is here; `force` discards whatever is here."""
-        if force:
-            shutil.rmtree(self.path, ignore_errors=True)
-        previous_sha = self.load_state_or_manifest_sha()
-        if previous_sha is None and self.path.exists() and any(self.path.iterdir()):
-            raise UserError(f"{self.path} exists and is not a curate run directory; choose another -o RUN_DIR")
-        if previous_sha is not None and previous_sha != recipe_sha256:
-            raise UserError(
-                f"{self.path} holds a run of a different recipe (sha256 {previous_sha[:12]} vs {recipe_sha256[:12]});"
-                " use another -o RUN_DIR, or --force to discard it and start over"
-            )
-        state = self.load_state() or RunState(recipe_sha256, inputs=inputs)
-        if state.inputs != inputs:
-            raise UserError(
-                f"{self.path}: the input files changed since this run started; resuming would mix two datasets."
-                " Use --force to start over, or another -o RUN_DIR"
-            )
-        for folder in (self.kept_parts, self.rejected_parts):
-            folder.mkdir(parents=True, exist_ok=True)
-        (self.path / "recipe.yaml").write_text(yaml.safe_dump(resolved_recipe, sort_keys=False))
-        if not self.state_file.exists():  # a run stopped before its first batch must still resume here
-            atomic_write_bytes(self.state_file, pickle.dumps(state))
-        self._drop_uncommitted_parts(state.batches_done)
+        with storage.errors(self.location):
+            if force and self.fs.exists(self.root):
+                self.fs.rm(self.root, recursive=True)
+            previous_sha = self.load_state_or_manifest_sha()
+            if previous_sha is None and self._entries(self.root):
+                raise UserError(f"{self.location} exists and is not a curate run directory; choose another -o RUN_DIR")
+            if previous_sha is not None and previous_sha != recipe_sha256:
+                raise UserError(
+                    f"{self.location} holds a run of a different recipe (sha256 {previous_sha[:12]} vs"
+                    f" {recipe_sha256[:12]}); use another -o RUN_DIR, or --force to discard it and start over"
+                )
+            state = self.load_state()
+            if state is None:  # a run stopped before its first batch must still resume here
+                state = RunState(recipe_sha256, inputs=inputs)
+                self.fs.pipe_file(self._at("recipe.yaml"), yaml.safe_dump(resolved_recipe, sort_keys=False).encode())
+                self._write_state(state)
+            if state.inputs != inputs:
+                raise UserError(
+                    f"{self.location}: the input files changed since this run started; resuming would mix two"
+                    " datasets. Use --force to start over, or another -o RUN_DIR"
+                )
+            self._drop_uncommitted(state)
         return state
 
     def load_state_or_manifest_sha(self) -> str | None:
-        if self.manifest_file.exists():
-            return json.loads(self.manifest_file.read_text())["recipe_sha256"]
+        manifest = self._read_manifest()
+        if manifest is not None:
+            return manifest["recipe_sha256"]
         state = self.load_state()
         return state.recipe_sha256 if state else None
 
     def load_state(self) -> RunState | None:
-        if not self.state_file.exists():
-            return None
-        with self.state_file.open("rb") as handle:
-            return pickle.load(handle)
+        """The newest committed state; None before the first one."""
+        for path in self._state_files():
+            try:
+                state = unseal(self.fs.cat_file(path))
+            except FileNotFoundError:  # superseded since the listing: a running commit (seen by an observer)
+                continue
+            if state is not None:
+                return state
+        return None
+
+    def _state_files(self) -> list[str]:
+        """State objects, newest first."""
+        return sorted((p for p in self._entries(self._at("state")) if _STATE_NAME.fullmatch(p.rsplit("/", 1)[-1])),
+                      reverse=True)
+
+    def _entries(self, folder: str) -> list[str]:
+        self.fs.invalidate_cache(folder)  # another process (a killed run) may have written here
+        try:
+            return [p.rstrip("/") for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
 
     def is_complete(self) -> bool:
-        return self.manifest_file.exists()
+        return self._read_manifest() is not None
 
     def manifest(self) -> dict[str, Any]:
-        if not self.manifest_file.exists():
-            raise UserError(f"{self.path}: no manifest.json; the run has not finished (rerun `curate run` to resume it)")
-        return json.loads(self.manifest_file.read_text())
+        manifest = self._read_manifest()
+        if manifest is None:
+            raise UserError(
+                f"{self.location}: no manifest.json; the run has not finished (rerun `curate run` to resume it)"
+            )
+        return manifest
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None when absent or torn (a local write cut by a kill: the run finalises again)."""
+        with storage.errors(self.location):
+            try:
+                return json.loads(self.fs.cat_file(self.manifest_file))
+            except FileNotFoundError:
+                return None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
 
     # --- committing batches ----------------------------------------------
 
     def commit_batch(self, state: RunState, kept: list[Sample], rejected: list[Rejection], rows: int) -> None:
-        """Write the batch's parts, then the state that counts them."""
-        name = f"part-{state.batches_done:06d}.parquet"
-        write_parquet_atomic(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA), self.kept_parts / name)
-        write_parquet_atomic(rejected_table(rejected), self.rejected_parts / name)
-        state.rows_done += rows
-        state.batches_done += 1
-        atomic_write_bytes(self.state_file, pickle.dumps(state))
+        """Write the batch's parts under fresh names, then the state that names them."""
+        name = f"part-{state.batches_done:06d}-{secrets.token_hex(4)}.parquet"
+        kept_table = pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA)
+        with storage.errors(self.location):
+            self.fs.pipe_file(f"{self.kept_parts}/{name}", parquet_bytes(kept_table))
+            self.fs.pipe_file(f"{self.rejected_parts}/{name}", parquet_bytes(rejected_table(rejected)))
+            state.parts.append(name)
+            state.rows_done += rows
+            state.batches_done += 1
+            self._write_state(state)
 
-    def _drop_uncommitted_parts(self, batches_done: int) -> None:
+    def _write_state(self, state: RunState) -> None:
+        """The new state object, then the previous one deleted (a kill in between leaves both: the newest counts)."""
+        path = self._at("state", f"state-{state.batches_done:06d}.pkl")
+        self.fs.pipe_file(path, seal(state))
+        if state.batches_done:
+            self._remove(self._at("state", f"state-{state.batches_done - 1:06d}.pkl"))
+
+    def _drop_uncommitted(self, state: RunState) -> None:
+        """Delete what no committed state names: parts of a batch whose state was never written, stale states."""
+        named = set(state.parts)
+        current = f"state-{state.batches_done:06d}.pkl"
         for folder in (self.kept_parts, self.rejected_parts):
-            for part in folder.iterdir():
-                if part.suffix == ".tmp" or int(part.stem.split("-")[1]) >= batches_done:
-                    part.unlink()
+            for path in self._entries(folder):
+                if path.rsplit("/", 1)[-1] not in named:
+                    self._remove(path)
+        for path in self._state_files():
+            if path.rsplit("/", 1)[-1] != current:
+                self._remove(path)
 
-    def _parts(self, folder: Path) -> list[Path]:
-        return sorted(p for p in folder.glob("part-*.parquet"))
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
 
     # --- finalising --------------------------------------------------------
 
     def finalize(self, state: RunState, output_kind: str, shard_rows: int) -> dict[str, Any]:
         """Compact parts into kept/ and rejected/ shards, check the accounting, write the manifest last."""
-        outputs = self._replace_dir("kept", lambda tmp: self._write_kept_shards(tmp, output_kind, shard_rows))
-        rejected = self._replace_dir("rejected", lambda tmp: self._write_rejected_shards(tmp, shard_rows))
-        stages = list(state.stats.values())
-        input_rows = stages[0].rows_in if stages else 0
-        kept_rows = sum(o["rows"] for o in outputs)
-        rejected_rows = sum(o["rows"] for o in rejected)
-        manifest = {
-            "input_rows": input_rows,
-            "kept_rows": kept_rows,
-            "rejected_rows": rejected_rows,
-            "stages": [s.to_manifest() for s in stages],
-            "recipe_sha256": state.recipe_sha256,
-            "output_kind": output_kind,
-            "output_format": OUTPUT_FORMAT[output_kind],
-            "outputs": outputs,
-            "rejected": rejected,
-            "resumed": state.resumed,
-        }
-        check_accounting(manifest)
-        atomic_write_bytes(self.manifest_file, json.dumps(manifest, indent=2).encode())
-        # The shards now hold every row; the parts would only double the disk use.
-        shutil.rmtree(self.kept_parts)
-        shutil.rmtree(self.rejected_parts)
+        with storage.errors(self.location):
+            outputs = self._write_shards("kept", lambda folder: self._write_kept_shards(state, folder, output_kind,
+                                                                                         shard_rows))
+            rejected = self._write_shards("rejected", lambda folder: self._write_rejected_shards(state, folder,
+                                                                                               shard_rows))
+            stages = list(state.stats.values())
+            input_rows = stages[0].rows_in if stages else 0
+            kept_rows = sum(o["rows"] for o in outputs)
+            rejected_rows = sum(o["rows"] for o in rejected)
+            manifest = {
+                "input_rows": input_rows,
+                "kept_rows": kept_rows,
+                "rejected_rows": rejected_rows,
+                "stages": [s.to_manifest() for s in stages],
+                "recipe_sha256": state.recipe_sha256,
+                "output_kind": output_kind,
+                "output_format": OUTPUT_FORMAT[output_kind],
+                "outputs": outputs,
+                "rejected": rejected,
+                "resumed": state.resumed,
+            }
+            check_accounting(manifest)
+            self.fs.pipe_file(self.manifest_file, json.dumps(manifest, indent=2).encode())
+            # The shards now hold every row; the parts would only double the space used.
+            self._remove(self.kept_parts)
+            self._remove(self.rejected_parts)
         return manifest
 
-    def _replace_dir(self, name: str, fill: Any) -> list[dict[str, Any]]:
-        final, tmp = self.path / name, self.path / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        entries = fill(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    def _write_shards(self, name: str, fill: Callable[[Path], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Shards written by `fill` into a local folder: the run's own when it is local, else a temporary one
+        whose files are then uploaded. Whatever an earlier, killed finalise left there is replaced."""
+        target = self._at(name)
+        self._remove(target)
+        if isinstance(self.fs, LocalFileSystem):
+            folder = Path(target)
+            folder.mkdir(parents=True)
+            entries = fill(folder)
+        else:
+            with tempfile.TemporaryDirectory(prefix="curate-shards-") as tmp:
+                entries = fill(Path(tmp))
+                for entry in entries:
+                    self.fs.put_file(str(Path(tmp) / entry["path"]), f"{target}/{entry['path']}")
         return [{**e, "path": f"{name}/{e['path']}"} for e in entries]
 
-    def _write_kept_shards(self, folder: Path, output_kind: str, shard_rows: int) -> list[dict[str, Any]]:
+    def _write_kept_shards(self, state: RunState, folder: Path, output_kind: str,
+                           shard_rows: int) -> list[dict[str, Any]]:
         writer = get_format(OUTPUT_FORMAT[output_kind])
         entries = []
-        for index, chunk in enumerate(_chunks(self.iter_kept(), shard_rows)):
+        for index, chunk in enumerate(_chunks(self.iter_kept(state), shard_rows)):
             path = folder / f"shard-{index:05d}.parquet"
             rows = writer.write(chunk, path)
             entries.append({"path": path.name, "rows": rows, "sha256": file_sha256(path)})
         return entries
 
-    def _write_rejected_shards(self, folder: Path, shard_rows: int) -> list[dict[str, Any]]:
-        parts = self._parts(self.rejected_parts)
+    def _write_rejected_shards(self, state: RunState, folder: Path, shard_rows: int) -> list[dict[str, Any]]:
+        parts = [f"{self.rejected_parts}/{name}" for name in state.parts]
         ds.write_dataset(
-            ds.dataset(parts, schema=REJECTED_SCHEMA, format="parquet"),
+            ds.dataset(parts, schema=REJECTED_SCHEMA, format="parquet", filesystem=self.arrow_filesystem()),
             folder,
             format="parquet",
             basename_template="shard-{i}.parquet",
@@ -264,11 +339,25 @@ class RunDir:
             for p in shards
         ]
 
-    def iter_kept(self) -> Iterator[Sample]:
-        for part in self._parts(self.kept_parts):
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=256):
-                for row in batch.to_pylist():
-                    yield Sample.from_row(row)
+    def path_of(self, relative: str) -> str:
+        """A file of the run directory as its filesystem names it (what `fs` and `arrow_filesystem` take)."""
+        return self._at(relative)
+
+    def arrow_filesystem(self) -> Any:
+        """pyarrow's view of this run's store (None: pyarrow's own local filesystem)."""
+        if isinstance(self.fs, LocalFileSystem):
+            return None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def iter_kept(self, state: RunState) -> Iterator[Sample]:
+        for name in state.parts:
+            with self.fs.open(f"{self.kept_parts}/{name}", "rb") as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=256):
+                    for row in batch.to_pylist():
+                        yield Sample.from_row(row)
+
+
+_STATE_NAME = re.compile(r"state-\d{6}\.pkl")
 
 
 def check_accounting(manifest: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, assert_accounting, shard_ids
+
+from curate.rundir import RunDir, RunState
 
 CPU_STAGES = [{"image_integrity": {}}, {"image_dedup": {}}, {"format": {}}]
 
@@ -62,10 +63,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, generated: 
                "--cache", cache, "--no-progress"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    state_file = killed / "state" / "state.pkl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if state_file.exists() and pickle.loads(state_file.read_bytes()).batches_done >= 5:
+        state = RunDir(killed).load_state()
+        if state is not None and state.batches_done >= 5:
             break
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its workers, mid-run
@@ -164,9 +165,8 @@ def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Pa
     process = subprocess.Popen([sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed),
                                 "--workers", "2", "--cache", cache, "--no-progress"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    state_file = killed / "state" / "state.pkl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (state_file.exists() and pickle.loads(state_file.read_bytes()).batches_done >= 3):
+    while time.monotonic() < deadline and ((RunDir(killed).load_state() or RunState("")).batches_done < 3):
         time.sleep(0.05)
     def is_sandbox(child: psutil.Process) -> bool:
         try:

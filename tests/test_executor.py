@@ -15,7 +15,7 @@ from curate.errors import UserError
 from curate.executor import LocalExecutor, StageError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
-from curate.rundir import RunDir, write_parquet_atomic
+from curate.rundir import RunDir
 from curate.sample import ROW_SCHEMA
 
 for stage in (HashBucket, FirstN, Explode, PreparedInWorkers):
@@ -92,12 +92,12 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path, messages_fil
     run(tmp_path, recipe, "clean")
     commit = RunDir.commit_batch
     calls = {"n": 0}
+    debris = tmp_path / "crashed" / "state" / "kept" / "part-000002-deadbeef.parquet"
 
-    def crash_on_third(self, state, kept, rejected, rows):  # dies after writing parts, before the state
+    def crash_on_third(self, state, kept, rejected, rows):  # dies after writing a part, before the state
         calls["n"] += 1
         if calls["n"] == 3:
-            write_parquet_atomic(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA),
-                                 self.kept_parts / f"part-{state.batches_done:06d}.parquet")
+            pq.write_table(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA), debris)
             raise KeyboardInterrupt
         commit(self, state, kept, rejected, rows)
 
@@ -106,7 +106,9 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path, messages_fil
         run(tmp_path, recipe, "crashed")
     monkeypatch.setattr(RunDir, "commit_batch", commit)
     assert RunDir(tmp_path / "crashed").load_state().batches_done == 2
+    assert debris.exists()
     manifest = run(tmp_path, recipe, "crashed")
+    assert not debris.exists()  # no committed state names it: deleted on resume
     assert manifest["resumed"] == 1
     assert outcome(tmp_path / "crashed") == outcome(tmp_path / "clean")
     assert_accounting(tmp_path / "crashed")

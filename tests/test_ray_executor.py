@@ -10,14 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, assert_accounting, messages_row, shard_ids, write_jsonl
+from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 from stage_fixtures import Explode, FirstN, HashBucket, Slow
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor, SourceReader, StageError
+from curate.inspect import Run
 from curate.recipe import load_recipe
 from curate.registry import register_stage
 from curate.rundir import RunDir, RunState
@@ -132,7 +135,7 @@ def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_pa
                                str(tmp_path / "c.sqlite")], env={**os.environ, "PYTHONPATH": str(TESTS)})
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        state = RunDir(run_dir).load_state() if (run_dir / "state" / "state.pkl").exists() else None
+        state = RunDir(run_dir).load_state()
         if state and state.batches_done >= 3:
             break
         time.sleep(0.1)
@@ -145,6 +148,48 @@ def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_pa
     assert outcome(run_dir) == outcome(tmp_path / "clean")
     assert funnel(resumed) == funnel(clean) and funnel(resumed)[0][1] == 60
     assert_accounting(run_dir)
+
+
+# A driver that may not open any input file: only the workers read them, straight from the store.
+DRIVER_THAT_NEVER_READS = """
+import sys
+import stage_fixtures
+from curate import storage
+from curate.registry import register_stage
+for stage in (stage_fixtures.HashBucket, stage_fixtures.FirstN):
+    register_stage(stage)
+from curate.ray_executor import RayExecutor
+from curate.recipe import load_recipe
+
+def refuse(location, *args, **kwargs):
+    raise AssertionError(f"the driver opened {location}")
+
+storage.open_file = refuse
+address, recipe, run_dir, cache = sys.argv[1:5]
+RayExecutor(load_recipe(recipe), run_dir, cache_path=cache, progress=False, address=address).run()
+"""
+
+
+def test_ray_workers_read_inputs_straight_from_s3(cluster: str, s3: S3, tmp_path: Path) -> None:
+    """The cluster's workers lack the store's settings until the job brings them (the driver's AWS_*)."""
+    source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(24)] + ["{bad"])
+    stages = [{"hash_bucket": {}}, {"first_n": {"n": 10}}]
+    clean = LocalExecutor(load_recipe(recipe_file(tmp_path, source, stages)), tmp_path / "clean",
+                          cache_path=tmp_path / "c.sqlite", progress=False).run()
+    with s3.environment():
+        fsspec.filesystem("s3").mkdir("ray")
+    s3.upload(source, "s3://ray/in/in.jsonl")  # the same name: a malformed row's id hashes it
+    recipe = tmp_path / "s3.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "input": {"paths": ["s3://ray/in/*.jsonl"], "format": "messages"},
+                                      "stages": stages, "output": {"kind": "sft", "shard_rows": 7}, "batch_size": 5}))
+    driver = subprocess.run([sys.executable, "-c", DRIVER_THAT_NEVER_READS, cluster, str(recipe), "s3://ray/run",
+                             str(tmp_path / "c.sqlite")], env={**os.environ, **s3.env, "PYTHONPATH": str(TESTS)},
+                            capture_output=True, text=True)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    with s3.environment():
+        fsspec.filesystem("s3").get("ray/run", str(tmp_path / "from_s3"), recursive=True)
+        assert funnel(Run("s3://ray/run").manifest) == funnel(clean)
+    assert outcome(tmp_path / "from_s3") == outcome(tmp_path / "clean")
 
 
 def test_run_stopped_under_the_local_executor_resumes_on_ray(cluster: str, tmp_path: Path,

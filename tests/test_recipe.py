@@ -33,7 +33,7 @@ def recipe_data(messages_file: Path) -> dict:
 
 def test_loads_resolves_paths_and_applies_profile(tmp_path: Path, recipe_data: dict, messages_file: Path) -> None:
     plain = load_recipe(write_recipe(tmp_path, recipe_data))
-    assert plain.inputs[0].path == messages_file.resolve()
+    assert plain.inputs[0].path == str(messages_file.resolve())
     assert [s.label for s in plain.stages] == ["hash_bucket", "first_n"]
     assert plain.stages[0].options.buckets == 4 and plain.batch_size == 256
     local = load_recipe(write_recipe(tmp_path, recipe_data), profile="local")
@@ -91,4 +91,4 @@ def test_command_line_inputs_replace_recipe_inputs(tmp_path: Path, recipe_data: 
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(messages_file.parent)
     recipe = load_recipe(write_recipe(tmp_path, recipe_data), input_paths=[messages_file.name], format_name="thyme")
-    assert [(s.path, s.format) for s in recipe.inputs] == [(messages_file.resolve(), "thyme")]
+    assert [(s.path, s.format) for s in recipe.inputs] == [(str(messages_file.resolve()), "thyme")]

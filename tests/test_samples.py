@@ -79,7 +79,7 @@ def test_recipes_reject_exactly_the_planted_defects_of_their_stages(tmp_path: Pa
     LocalExecutor(loaded, tmp_path / "run", cache_path=probe_cache, progress=False).run()
     manifest = assert_accounting(tmp_path / "run")
     expected = json.loads((SAMPLE_DIR / "EXPECTED.json").read_text())
-    files = {source.path.name for source in loaded.inputs}
+    files = {Path(source.path).name for source in loaded.inputs}
     stages = {spec.name for spec in loaded.stages}
     planted = {sample_id: d for sample_id, d in expected["defects"].items()
                if d["file"] in files and d["stage"] in stages and catchable(d, loaded)}

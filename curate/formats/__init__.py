@@ -5,7 +5,8 @@ in parallel:
 - `records(path)` yields raw rows in file order, cheaply (a JSONL line, an
   element of a JSON array, a parquet row as a dict);
 - `Format.parse(record, base_dir)` turns one raw row into a `Sample`, or raises
-  `MalformedRow` naming the defect.
+  `MalformedRow` naming the defect; `base_dir` is the input file's folder (a local
+  path or a URL), which relative image paths resolve against.
 
 Each format also writes samples back in its own layout, so a
 read -> write -> read round trip keeps tool calls, observations and images.
@@ -23,8 +24,10 @@ from typing import Any, ClassVar
 
 import pyarrow.parquet as pq
 
+from curate import storage
 from curate.errors import UserError
 from curate.sample import Sample
+from curate.storage import Location
 
 
 class MalformedRow(Exception):
@@ -47,17 +50,19 @@ class Format:
         raise NotImplementedError
 
 
-def records(path: Path, batch_rows: int = 256) -> Iterator[Any]:
-    """Raw rows of a JSONL, JSON-array or parquet file, in order, streaming where the file type allows."""
-    suffix = path.suffix.lower()
+def records(path: Location, batch_rows: int = 256) -> Iterator[Any]:
+    """Raw rows of a JSONL, JSON-array or parquet file (a local path or any fsspec URL), in order, streaming
+    where the file type allows."""
+    suffix = storage.suffix(path)
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
+        with storage.open_file(path, "rt", encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():
                     yield line
     elif suffix == ".json":
         try:
-            data = loads_tolerant(path.read_text(encoding="utf-8"))
+            with storage.open_file(path, "rt", encoding="utf-8") as handle:
+                data = loads_tolerant(handle.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: not valid JSON ({exc}); fix the file or convert it to JSONL") from exc
         from curate.formats.llamafactory import is_registration, registration_records
@@ -69,26 +74,30 @@ def records(path: Path, batch_rows: int = 256) -> Iterator[Any]:
         else:
             raise UserError(f"{path}: a JSON input must be an array of rows or a LLaMA-Factory dataset_info.json")
     elif suffix == ".parquet":
-        for batch in open_parquet(path).iter_batches(batch_size=batch_rows):
-            yield from batch.to_pylist()
+        with storage.open_file(path, "rb") as handle:
+            for batch in open_parquet(handle, path).iter_batches(batch_size=batch_rows):
+                yield from batch.to_pylist()
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
+def open_parquet(handle: Any, path: Location) -> pq.ParquetFile:
+    """A parquet file over an open handle: only the footer and the row groups read are fetched."""
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(handle)
     except Exception as exc:  # pyarrow raises several types for a cut or foreign file
         raise UserError(f"{path}: unreadable parquet ({exc}); check the file is complete") from exc
 
 
-def count_records(path: Path) -> int | None:
-    """Row count when it is cheap to know (for progress bars), else None."""
-    suffix = path.suffix.lower()
+def count_records(path: Location) -> int | None:
+    """Row count when it is cheap to know (for progress bars): a parquet footer, a local JSONL file; else None
+    (a remote JSONL file would be read whole just to count it)."""
+    suffix = storage.suffix(path)
     if suffix == ".parquet":
-        return open_parquet(path).metadata.num_rows
-    if suffix == ".jsonl":
-        with path.open("rb") as handle:
+        with storage.open_file(path, "rb") as handle:
+            return open_parquet(handle, path).metadata.num_rows
+    if suffix == ".jsonl" and storage.is_local(path):
+        with storage.open_file(path, "rb") as handle:
             return sum(1 for line in handle if line.strip())
     return None
 
@@ -210,7 +219,7 @@ def format_names() -> list[str]:
     return sorted(_FORMATS)
 
 
-def sniff_format(path: Path) -> str:
+def sniff_format(path: Location) -> str:
     """Pick the format whose sniffer accepts the file's first decodable row, if exactly one does."""
     _load_builtin_formats()
     for record in records(path):

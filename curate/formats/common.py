@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from curate import storage
+from curate.errors import UserError
 from curate.formats import MalformedRow
 from curate.sample import Image, ImagePart, Message, Sample, content_id
+from curate.storage import Location
 
 _MAGIC = [
     (b"\x89PNG", "png"),
@@ -31,7 +34,7 @@ def image_format(data: bytes) -> str:
     return "unknown"
 
 
-def decode_image(entry: Any, base_dir: Path, label: str) -> Image:
+def decode_image(entry: Any, base_dir: Location, label: str) -> Image:
     """An image given as bytes, {bytes, path}, a data URI, base64 text, or a path relative to the input file."""
     if isinstance(entry, dict):
         if entry.get("bytes") is not None:
@@ -47,10 +50,7 @@ def decode_image(entry: Any, base_dir: Path, label: str) -> Image:
     if entry.startswith("data:"):
         entry = entry.partition(",")[2]
     elif len(entry) < 1024 and not _looks_like_base64(entry):
-        path = Path(entry) if Path(entry).is_absolute() else base_dir / entry
-        if not path.is_file():
-            raise MalformedRow(f"{label}: file not found: {entry}")
-        data = path.read_bytes()
+        data = read_image_file(entry, base_dir, label)
         return Image(data, image_format(data))
     try:
         data = base64.b64decode(entry, validate=True)
@@ -59,7 +59,19 @@ def decode_image(entry: Any, base_dir: Path, label: str) -> Image:
     return Image(data, image_format(data))
 
 
-def decode_images(value: Any, base_dir: Path, field: str = "images") -> list[Image]:
+def read_image_file(entry: str, base_dir: Location, label: str) -> bytes:
+    """An image named by an absolute path, or a path relative to the input file's folder (a local folder or a
+    URL: images beside a file on S3 are read from S3). URLs inside rows are not followed."""
+    location = entry if Path(entry).is_absolute() else storage.join(base_dir, entry)
+    try:
+        if not storage.is_file(location):
+            raise MalformedRow(f"{label}: file not found: {entry}")
+        return storage.read_bytes(location)
+    except UserError as exc:  # a store that refuses one image rejects its row, not the run
+        raise MalformedRow(f"{label}: {exc}") from None
+
+
+def decode_images(value: Any, base_dir: Location, field: str = "images") -> list[Image]:
     """A row's image list (absent means none)."""
     if value is None:
         return []

@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from curate import storage
 from curate.errors import UserError
 from curate.formats import Format, MalformedRow, check_suffix, decode_record, records, register_format
 from curate.formats.deepeyes import DEEPEYES_SPEC, DeepEyesFormat
@@ -44,7 +45,8 @@ def is_registration(data: Any) -> bool:
             and any("file_name" in entry for entry in data.values()))
 
 
-def registration_records(path: Path, registration: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def registration_records(path: str, registration: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The rows of every file a registration names, resolved against the registration's own location (a path or URL)."""
     for dataset, entry in registration.items():
         where = f"{path}: dataset {dataset!r}"
         file_name = entry.get("file_name")
@@ -54,8 +56,8 @@ def registration_records(path: Path, registration: dict[str, dict[str, Any]]) ->
         if entry.get("formatting", "alpaca") != "sharegpt":
             formatting = entry.get("formatting", "alpaca")
             raise UserError(f"{where} uses {formatting!r} formatting; only 'sharegpt' chats are read")
-        data_path = path.parent / file_name
-        if not data_path.is_file():
+        data_path = storage.join(storage.parent(path), file_name)
+        if not storage.is_file(data_path):
             raise UserError(f"{where}: file not found: {data_path}")
         mapping = {"dataset": dataset, "columns": entry.get("columns") or {}, "tags": entry.get("tags") or {}}
         for record in records(data_path):
