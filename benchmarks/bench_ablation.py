@@ -6,8 +6,8 @@ Per configuration and measurement bucket (copy, hash, chain, lookup-known, looku
 mean ± standard error over seeds; and OTC's tool productivity (correct answers per call). A PNG plots accuracy
 on the buckets that need the tool against the tool-call rate on those that do not, one point per configuration.
 
-Runs fan out over worker processes (one torch thread each); a result is saved as it finishes, so a run that
-is stopped resumes where it was.
+Runs fan out over worker processes (one torch thread each), seed by seed (every configuration of a seed
+before the next seed); a result is saved as it finishes, so a run that is stopped resumes where it was.
 
     python benchmarks/bench_ablation.py [--seeds 5] [--workers 2] [--steps 20 --prompts 8 -G 8] [--out runs/ablation]
 
@@ -87,7 +87,7 @@ def run_all(out: Path, seeds: int, workers: int, samples: int, budget: dict[str,
             keep(key, job.result())
         jobs = {f"{name}/{s}": pool.submit(tune_job, Path(results[f"cold/{s}"]["checkpoint"]),
                                            out / f"seed{s}" / name.replace(" ", "_"), s, samples, {**budget, **config})
-                for name, config in CONFIGS.items() for s in range(seeds) if f"{name}/{s}" not in results}
+                for s in range(seeds) for name, config in CONFIGS.items() if f"{name}/{s}" not in results}
         for key, job in jobs.items():
             keep(key, job.result())
     return results
