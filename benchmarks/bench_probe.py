@@ -91,7 +91,7 @@ def bench_vllm(args: argparse.Namespace) -> None:
     batch = prompts(args.prompts)
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
     plain_params = VLLMSamplingParams(**sampling_kwargs(args.n, params))
-    requests = build_requests(batch, generator.render)
+    requests = build_requests(batch, generator.render, generator.vision)
     generator.llm.generate(requests[:2], plain_params, use_tqdm=False)  # warm up
     tokens = generator.llm.get_tokenizer()
 

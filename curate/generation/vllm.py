@@ -21,12 +21,13 @@ from curate.vllm_engine import import_vllm, platform_args, start_engine, stop_en
 FALLBACK = "use backend 'transformers' (the --local profiles do)"
 
 
-def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str]) -> list[dict[str, Any]]:
-    """vLLM prompt dicts: the rendered text, plus `multi_modal_data` for prompts that show images."""
+def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str], vision: bool) -> list[dict[str, Any]]:
+    """vLLM prompt dicts: the rendered text, plus `multi_modal_data` for prompts that show images to a
+    vision-language model (a text-only model gets the text alone, as the transformers backend gives it)."""
     requests = []
     for prompt in prompts:
         request: dict[str, Any] = {"prompt": render(prompt)}
-        images = pil_images(prompt)
+        images = pil_images(prompt) if vision else []
         if images:
             request["multi_modal_data"] = {"image": images}
         requests.append(request)
@@ -69,7 +70,7 @@ class VLLMGenerator:
         from vllm import SamplingParams as VLLMSamplingParams
 
         self.calls += len(prompts)
-        outputs = self.llm.generate(build_requests(prompts, self.render), VLLMSamplingParams(**sampling_kwargs(n, params)),
+        outputs = self.llm.generate(build_requests(prompts, self.render, self.vision), VLLMSamplingParams(**sampling_kwargs(n, params)),
                                     use_tqdm=self.progress)
         return [[completion.text for completion in output.outputs] * (n // len(output.outputs)) for output in outputs]
 
