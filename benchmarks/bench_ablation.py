@@ -93,6 +93,12 @@ def run_all(out: Path, seeds: int, workers: int, samples: int, budget: dict[str,
     return results
 
 
+def finished(results: dict[str, Any], name: str, seeds: int) -> list[dict[str, Any]]:
+    """The finished runs of a configuration (of the cold start for "before"), seed by seed."""
+    keys = [f"cold/{s}" if name.startswith("before") else f"{name}/{s}" for s in range(seeds)]
+    return [results[key] for key in keys if key in results]
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     return mean(values), (stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
@@ -107,8 +113,10 @@ def table(results: dict[str, Any], seeds: int) -> str:
     header = ["configuration"] + [f"{b}: tools / calls / acc" for b in buckets] + ["tool productivity"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in ["before (cold start)", *CONFIGS]:
-        runs = [results[f"cold/{s}" if name.startswith("before") else f"{name}/{s}"] for s in range(seeds)]
-        cells = [name]
+        runs = finished(results, name, seeds)
+        if not runs:
+            continue
+        cells = [f"{name} (n={len(runs)})"]
         for b in buckets:
             cells.append(" / ".join("{:.2f}±{:.2f}".format(*mean_se([r["rates"][b][f] for r in runs]))
                                     for f in ("tool_calls", "mean_calls", "accuracy")))
@@ -126,14 +134,16 @@ def figure(results: dict[str, Any], seeds: int, png: Path) -> Path:
 
     figure, axis = plt.subplots(figsize=(7.5, 5.5))
     for name in ["before (cold start)", *CONFIGS]:
-        runs = [results[f"cold/{s}" if name.startswith("before") else f"{name}/{s}"] for s in range(seeds)]
+        runs = finished(results, name, seeds)
+        if not runs:
+            continue
         x, x_se = mean_se([pooled(r, UNNEEDED, "tool_calls") for r in runs])
         y, y_se = mean_se([pooled(r, NEEDED, "accuracy") for r in runs])
         style = {"grpo": "s", "otc": "D", "coupled": "o", "hdpo": "^", "before": "x"}[name.split()[0]]
         axis.errorbar(x, y, xerr=x_se, yerr=y_se, fmt=style, capsize=3, label=name)
     axis.set_xlabel(f"tool-call rate where the tool is not needed ({', '.join(UNNEEDED)})")
     axis.set_ylabel(f"accuracy where the tool is needed ({', '.join(NEEDED)})")
-    axis.set_title(f"toy suite, mean ± s.e. over {seeds} seeds: up and left is better")
+    axis.set_title(f"toy suite, mean ± s.e. over up to {seeds} seeds: up and left is better")
     axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(png, dpi=110)
@@ -150,15 +160,20 @@ def main() -> None:
     parser.add_argument("-G", "--rollouts", type=int, default=8, help="rollouts per prompt in RL")
     parser.add_argument("--samples", type=int, default=2, help="rollouts per prompt when measuring (all 384 prompts)")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--report", action="store_true", help="only print the table and figure of the saved runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     budget = {"steps": args.steps, "prompts_per_step": args.prompts, "rollouts": args.rollouts}
-    results = run_all(args.out, args.seeds, args.workers, args.samples, budget)
+    if args.report:
+        results = json.loads((args.out / "results.json").read_text())
+    else:
+        results = run_all(args.out, args.seeds, args.workers, args.samples, budget)
     print(table(results, args.seeds))
     print(f"\nfigure: {figure(results, args.seeds, args.out / 'ablation.png')}")
-    print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s of wall time on {args.workers} workers "
-          f"({sum(r['seconds'] for r in results.values()):.0f} s of work)")
+    if not args.report:
+        print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s of wall time on {args.workers} workers "
+              f"({sum(r['seconds'] for r in results.values()):.0f} s of work)")
 
 
 if __name__ == "__main__":
