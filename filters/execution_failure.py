@@ -10,9 +10,11 @@ from curate.stage import KEEP, Verdict, reject
 class ExecutionFailure(SandboxStage):
     """Re-executes the trajectory's code calls in order, in one interpreter state, and rejects it when one fails.
 
-    Reasons: `syntax_error` (the code cannot be parsed), `code_error` (it raises), `timeout` (wall-clock or
-    CPU time limit), `limit_exceeded` (memory, processes, file size), `bad_input` (an input image cannot be
-    opened as `image_N`), `sandbox_crash`. The detail names the
+    Reasons: `syntax_error` (the code cannot be parsed), `code_error` (it raises, e.g. when it tries to write
+    outside its scratch directory), `timeout` (wall-clock or CPU time limit), `limit_exceeded` (memory,
+    processes and threads, file size, printed text, image bytes, a decompression-bomb image), `bad_output` (a
+    saved image that is a link out of the scratch directory), `bad_input` (an input image cannot be opened as
+    `image_N`), `sandbox_crash`. The detail names the
     call and its message, the error, and the last lines of the traceback. Non-code tools (search) are left
     alone and listed in `meta.execution_failure.other_tools`.
     """
@@ -41,11 +43,17 @@ class ExecutionFailure(SandboxStage):
         return KEEP
 
 
+# Raised by the sandbox itself (OutputLimitExceeded) or by python at a limit of the sandbox.
+_LIMIT_ERRORS = ("MemoryError", "OutputLimitExceeded", "RuntimeError: can't start new thread")
+
+
 def _error_reason(error: str) -> str:
     if error.startswith(("SyntaxError", "IndentationError", "TabError")):
         return "syntax_error"
-    if error.startswith("MemoryError") or "[Errno 27]" in error or (error.startswith("BlockingIOError") and "[Errno 11]" in error):
-        return "limit_exceeded"  # address space, file size, process count
+    if error.startswith(_LIMIT_ERRORS) or "[Errno 27]" in error or (error.startswith("BlockingIOError") and "[Errno 11]" in error):
+        return "limit_exceeded"  # address space, output size, threads; file size (EFBIG); process count (EAGAIN)
+    if error.startswith("OutputRejected"):
+        return "bad_output"
     return "code_error"
 
 

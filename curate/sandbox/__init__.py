@@ -4,18 +4,20 @@ A `Sandbox` keeps `parallelism` warm workers (`zygote.py`: numpy, PIL and matplo
 each inside the isolation; a trajectory is sent to a free worker, which forks a fresh child for it,
 so isolation is per trajectory while interpreter start-up is paid once per worker.
 
-Isolation levels (`isolation_level()` says which one is in force):
-- `bwrap` (Debian package `bubblewrap`): each worker lives in its own mount, PID, network, IPC and
-  UTS namespaces. The file system is read-only and holds only what python needs (`/usr`, `/lib*`,
-  `/bin`, the python installation and the virtual environment); `/tmp` is a private size-limited
-  tmpfs where each trajectory gets a scratch directory, deleted afterwards. No network at all (a
-  new network namespace), an empty environment (no API key can leak in), and the trajectory runs
-  as an unprivileged uid with limits on address space, CPU time, processes and file size.
-- `namespace` (no bwrap): the worker unshares a network namespace itself and runs each trajectory
-  as an unprivileged uid, with the same environment scrubbing, limits and scratch directories. The
-  host file system stays visible read-only to whatever that uid may read (root-only files such as
-  `~/.ssh` are not), and world-writable folders such as `/tmp` stay writable.
-Both levels kill every process a trajectory leaves behind (the worker is a child subreaper).
+Isolation levels (`isolation.py` picks one and checks it before anything runs):
+- `bwrap` (`auto`): bubblewrap, the system's or the bundled one. Each worker lives in its own mount,
+  PID, network, IPC and UTS namespaces. The file system is read-only and holds only what python needs
+  (`/usr`, `/lib*`, `/bin`, the python installation and the virtual environment); `/tmp`, `/var/tmp`
+  and `/dev/shm` are private tmpfs that only the worker may write, and each trajectory gets a scratch
+  directory in `/tmp`, deleted afterwards. No network at all, an empty environment (no API key can
+  leak in), and the trajectory runs as an unprivileged uid with limits on address space, CPU time,
+  processes and file size.
+- `namespace` (only when asked for): the worker makes its own mount and network namespaces itself:
+  the host file system read-only (and nosuid), private tmpfs over `/tmp`, `/var/tmp` and `/dev/shm`,
+  the same uid, environment, limits and scratch directories. The host's other files stay readable to
+  whatever that uid may read (root-only files such as `~/.ssh` are not), and there is no PID namespace.
+No level lets a trajectory write outside its scratch directory. Both kill every process a trajectory
+leaves behind (the worker is a child subreaper).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 
 from pydantic import Field
 
+from curate.errors import UserError
+from curate.sandbox.isolation import Isolation, resolve
 from curate.stage import StageOptions
 
 ZYGOTE = Path(__file__).with_name("zygote.py")
@@ -43,6 +47,7 @@ FIRST_UID = 60000
 UIDS_PER_SANDBOX = 64  # a sandbox's slots get consecutive uids
 SANDBOX_UIDS = range(FIRST_UID, FIRST_UID + 4096 * UIDS_PER_SANDBOX)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")  # writable by the worker only, at every level
 
 
 class SandboxOptions(StageOptions):
@@ -53,9 +58,12 @@ class SandboxOptions(StageOptions):
     memory_mb: int = Field(default=4096, ge=512, description="address-space limit per trajectory (MiB)")
     max_processes: int = Field(default=64, gt=0, description="processes and threads per trajectory")
     max_file_mb: int = Field(default=64, gt=0, description="largest file a trajectory may write (MiB)")
-    tmp_mb: int = Field(default=512, gt=0, description="size of the private /tmp of each worker (bwrap level)")
+    max_output_kb: int = Field(default=1024, gt=0, description="most text one call may print (stdout + stderr, KiB)")
+    tmp_mb: int = Field(default=512, gt=0, description="size of each worker's private /tmp (MiB)")
     parallelism: int = Field(default=2, gt=0, description="warm workers, i.e. trajectories run at once")
-    isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$", description="auto: bwrap if installed")
+    isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$",
+                           description="auto (= bwrap): a working bubblewrap, system or bundled, else stop; "
+                                       "namespace: the weaker level, only when asked for")
 
 
 @dataclass
@@ -74,22 +82,49 @@ class TrajectoryResult:
     detail: str = ""
 
 
-def isolation_level(requested: str = "auto") -> str:
-    if requested == "auto":
-        return "bwrap" if shutil.which("bwrap") else "namespace"
-    if requested == "bwrap" and not shutil.which("bwrap"):
-        raise RuntimeError("isolation 'bwrap' asked for, but bwrap is not installed (Debian package bubblewrap)")
-    return requested
+def bwrap_options(tmp_mb: int) -> list[str]:
+    """bubblewrap's arguments up to the program: what the workers (and the start-up check) run inside."""
+    options = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+               "--die-with-parent", "--new-session", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev"]
+    # The private tmpfs come first: binds below may live under /tmp (a venv in a temporary clone). Mode 0755:
+    # the worker makes each trajectory's scratch directory there; the trajectory's uid may write nowhere else.
+    for folder in PRIVATE_TMPFS:
+        options += ["--size", str(tmp_mb << 20), "--perms", "0755", "--tmpfs", folder]
+    python_homes = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    # Folders above the python installation (e.g. /root for a pyenv python) are created traversable
+    # and empty, so an unprivileged uid can import the standard library and sees nothing else there.
+    for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/", "/tmp"}):
+        options += ["--perms", "0755", "--dir", folder]
+    for path in sorted({"/usr", "/lib", "/lib64", "/bin", *python_homes}):
+        if Path(path).exists():
+            options += ["--ro-bind", path, path]
+    options += ["--ro-bind", str(ZYGOTE), SANDBOX_ZYGOTE, "--chdir", "/tmp"]
+    # Only what the worker needs to hand each trajectory to its own uid and clean up after it.
+    for capability in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
+        options += ["--cap-add", capability]
+    return options
+
+
+def isolation_for(options: SandboxOptions) -> Isolation:
+    """The isolation these options get, checked by running `python -c pass` inside it; UserError if none works."""
+    trivial = [sys.executable, "-I", "-S", "-c", "pass"]
+    return resolve(options.isolation, lambda bwrap: [bwrap, *bwrap_options(options.tmp_mb), "--clearenv", *trivial])
 
 
 class Sandbox:
     def __init__(self, options: SandboxOptions | None = None) -> None:
         self.options = options or SandboxOptions()
-        self.level = isolation_level(self.options.isolation)
-        self._home = Path(tempfile.mkdtemp(prefix="curate-sandbox-"))
-        self._home.chmod(0o711)  # trajectories run as other uids and must reach their scratch directories inside
+        self.isolation = isolation_for(self.options)
+        self.level = self.isolation.level
+        self._logs = Path(tempfile.mkdtemp(prefix="curate-sandbox-"))  # the workers' stderr, nothing else
         self._free: queue.Queue[_Worker] = queue.Queue()
-        self._workers = [_Worker(self._command(slot), self._environment(), self._home) for slot in range(self.options.parallelism)]
+        self._workers: list[_Worker] = []
+        try:
+            for slot in range(self.options.parallelism):
+                self._workers.append(_Worker(*self.isolated(self._zygote(slot)), self._logs))
+        except BaseException:
+            self.close()
+            raise
         for worker in self._workers:
             self._free.put(worker)
         self._threads = ThreadPoolExecutor(self.options.parallelism)
@@ -109,7 +144,7 @@ class Sandbox:
             "memory_mb": self.options.memory_mb,
             "max_processes": self.options.max_processes,
             "max_file_mb": self.options.max_file_mb,
-            "scratch_root": None if self.level == "bwrap" else str(self._home),
+            "max_output_kb": self.options.max_output_kb,
         }
         worker = self._free.get()
         try:
@@ -128,10 +163,11 @@ class Sandbox:
         return list(self._threads.map(lambda job: self.run(*job), jobs))
 
     def close(self) -> None:
-        self._threads.shutdown()
+        if hasattr(self, "_threads"):
+            self._threads.shutdown()
         for worker in self._workers:
             worker.close()
-        shutil.rmtree(self._home, ignore_errors=True)
+        shutil.rmtree(self._logs, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -139,61 +175,49 @@ class Sandbox:
     def __exit__(self, *_: object) -> None:
         self.close()
 
+    def isolated(self, program: list[str]) -> tuple[list[str], dict[str, str]]:
+        """(command, environment) that run `program` inside this sandbox's isolation, seeing only our environment.
+
+        At the namespace level the program isolates itself (the zygote does), so it runs as it is."""
+        if self.level == "namespace":
+            return program, self._environment()
+        setenv = [arg for name, value in self._environment().items() for arg in ("--setenv", name, value)]
+        command = [self.isolation.bwrap, *bwrap_options(self.options.tmp_mb), "--clearenv", *setenv, *program]
+        return command, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
     def _environment(self) -> dict[str, str]:
         """The whole environment the sandbox sees: nothing of ours, so no secret can leak in."""
         environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "MPLCONFIGDIR": "/tmp/.matplotlib", "LANG": "C.UTF-8"}
-        if self.level == "namespace":
-            environment.update(HOME=str(self._home), MPLCONFIGDIR=str(self._home / ".matplotlib"))
         return environment | {name: "1" for name in THREAD_VARIABLES}
 
-    def _command(self, slot: int) -> list[str]:
+    def _zygote(self, slot: int) -> list[str]:
         # Distinct per process and slot: the process limit counts per uid, so concurrent trajectories
         # (other slots, other executor workers) must not share one.
         uid = str(FIRST_UID + (os.getpid() % 4096) * UIDS_PER_SANDBOX + slot % UIDS_PER_SANDBOX)
         if self.level == "namespace":
-            return [sys.executable, str(ZYGOTE), "--unshare-net", "--uid", uid]
-        command = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                   "--die-with-parent", "--new-session", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev",
-                   # The private /tmp comes first: binds below may live under /tmp (a venv in a temporary clone).
-                   "--size", str(self.options.tmp_mb << 20), "--perms", "1777", "--tmpfs", "/tmp"]
-        python_homes = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
-        # Folders above the python installation (e.g. /root for a pyenv python) are created traversable
-        # and empty, so an unprivileged uid can import the standard library and sees nothing else there.
-        for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/", "/tmp"}):
-            command += ["--perms", "0755", "--dir", folder]
-        for path in sorted({"/usr", "/lib", "/lib64", "/bin", *python_homes}):
-            if Path(path).exists():
-                command += ["--ro-bind", path, path]
-        command += ["--ro-bind", str(ZYGOTE), SANDBOX_ZYGOTE, "--chdir", "/tmp"]
-        # Only what the worker needs to hand each trajectory to its own uid and clean up after it.
-        for capability in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
-            command += ["--cap-add", capability]
-        return command + ["--clearenv", sys.executable, SANDBOX_ZYGOTE, "--uid", uid]
+            return [sys.executable, str(ZYGOTE), "--private-mounts", str(self.options.tmp_mb), "--uid", uid]
+        return [sys.executable, SANDBOX_ZYGOTE, "--uid", uid]
 
 
 class _Worker:
     """One warm zygote process and the lock-step JSON conversation with it."""
 
-    def __init__(self, command: list[str], environment: dict[str, str], home: Path) -> None:
-        self.command, self.environment, self.home = command, environment, home
+    def __init__(self, command: list[str], environment: dict[str, str], logs: Path) -> None:
+        self.command, self.environment, self.logs = command, environment, logs
         self.lock = threading.Lock()
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen[str]:
-        environment = self.environment
-        if self.command[0] == "bwrap":  # bwrap clears the environment itself and sets ours inside
-            setenv = [arg for name, value in environment.items() for arg in ("--setenv", name, value)]
-            command = self.command[: self.command.index("--clearenv") + 1] + setenv + self.command[self.command.index("--clearenv") + 1:]
-            environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        else:
-            command = self.command
         # stderr goes to a file: a pipe nobody reads would block a chatty worker.
-        log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=self.home, delete=False)
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                                   env=environment, cwd=self.home)
+        log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=self.logs, delete=False)
+        process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                   env=self.environment, cwd="/")
         ready = process.stdout.readline() if process.stdout else ""
         if not ready.startswith('{"ready"'):
-            raise RuntimeError(f"the sandbox worker did not start: {Path(log.name).read_text().strip()[-500:] or ready}")
+            process.kill()
+            process.wait()
+            why = (Path(log.name).read_text().strip().splitlines() or [ready.strip() or "no output"])[-1]
+            raise UserError(f"the sandbox worker did not start ({why}); `curate doctor` checks the sandbox")
         return process
 
     def ask(self, request: dict, timeout: float) -> dict:

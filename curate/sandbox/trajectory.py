@@ -17,7 +17,7 @@ import imagehash
 from PIL import Image as PILImage
 
 from curate.sample import Message, Sample, ToolCall
-from curate.sandbox import Sandbox, SandboxOptions, TrajectoryResult
+from curate.sandbox import Sandbox, SandboxOptions, TrajectoryResult, isolation_for
 from curate.stage import Stage, StageContext
 
 # Thyme questions name the input image's path on the machine that made the data; code opens that path.
@@ -140,6 +140,9 @@ class SandboxStage(Stage):
 
     Options = SandboxOptions
     batch_size = 16
+
+    def preflight(self) -> None:
+        isolation_for(self.options)  # fails closed: no working isolation, no row runs
 
     def setup(self, context: StageContext) -> None:
         self.sandbox = Sandbox(self.options)

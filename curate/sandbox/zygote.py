@@ -3,11 +3,13 @@
 Self-contained on purpose (standard library + numpy / PIL / matplotlib only): it is the one file of
 curate that the sandbox can see. Protocol over stdin / stdout, one JSON object per line:
 
-    request:  {"cells": [code, ...], "images": {name: base64}, "preload": [name, ...],
-               "timeout": s, "memory_mb": n, "cpu_seconds": n, "max_processes": n, "max_file_mb": n}
+    request:  {"cells": [code, ...], "images": {name: base64}, "preload": [name, ...], "timeout": s,
+               "memory_mb": n, "cpu_seconds": n, "max_processes": n, "max_file_mb": n, "max_output_kb": n}
     response: {"cells": [{"stdout", "stderr", "error", "traceback", "images": [base64 png, ...]}, ...],
                "status": "ok" | "timeout" | "killed" | "crashed" | "setup_failed", "detail": str}
 
+At the namespace level (`--private-mounts TMP_MB`) the worker isolates itself first: its own mount and
+network namespaces, the host file system read-only, private tmpfs over /tmp, /var/tmp and /dev/shm.
 The child runs as an unprivileged user (when the worker is root) with resource limits, in a fresh
 scratch directory that is deleted afterwards; the worker is a child subreaper and kills every
 process the trajectory left behind. Results travel back as JSON, never pickle: the child is untrusted.
@@ -24,68 +26,107 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 
-import matplotlib
-
-matplotlib.use("Agg")
-# Imported once here so every child starts warm, and so a child running as an unprivileged uid does not
-# need to read the python installation for the common modules.
-import collections  # noqa: E401, E402, F401
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy  # noqa: E402, F401
-from PIL import Image  # noqa: E402
-
-Image.init()  # every image plugin, now rather than on first use inside a child
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_PRIVATE = 0x2, 0x4, 0x8, 1 << 18
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR = 0x1, 0x2, 0x8000, -100, 442
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 RUN_AS = 65534  # nobody, unless --uid says otherwise
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
+TEXT_KEPT = {"stdout": 100_000, "stderr": 20_000}  # characters of each stream a cell result carries (the end)
+libc = ctypes.CDLL(None, use_errno=True)
 
 
 def main() -> None:
     global RUN_AS
-    if "--unshare-net" in sys.argv:
-        unshare_network()
+    if "--private-mounts" in sys.argv:
+        private_mounts(int(sys.argv[sys.argv.index("--private-mounts") + 1]))
     # Each worker slot runs its trajectories under its own uid, so process limits (counted per uid) do not mix.
     RUN_AS = int(sys.argv[sys.argv.index("--uid") + 1])
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    warm_imports()  # after the isolation: matplotlib writes its cache under HOME (/tmp)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        request = json.loads(line)
-        response = run_trajectory(request)
-        kill_leftovers()
-        print(json.dumps(response), flush=True)
+        print(json.dumps(run_trajectory(json.loads(line))), flush=True)
 
 
-def unshare_network() -> None:
-    """Fallback isolation: a network namespace of our own (only loopback, down)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    clone_newnet, clone_newuser = 0x40000000, 0x10000000
-    if libc.unshare(clone_newnet) != 0 and libc.unshare(clone_newuser | clone_newnet) != 0:
-        raise SystemExit(f"cannot create a network namespace: {os.strerror(ctypes.get_errno())}")
+def warm_imports() -> None:
+    """Imported once here so every child starts warm, and so a child running as an unprivileged uid does not
+    need to read the python installation for the common modules."""
+    global plt, Image
+    import collections  # noqa: F401
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy  # noqa: F401
+    from PIL import Image
+
+    Image.init()  # every image plugin, now rather than on first use inside a child
+
+
+def private_mounts(tmp_mb: int) -> None:
+    """The namespace level: this process gets mount and network namespaces of its own (and a user namespace
+    first when it is not root), makes every mount read-only and nosuid, and puts private tmpfs over the
+    folders everybody may write. Any failure stops the worker: it never runs code half isolated."""
+    if os.getuid() != 0:  # the user namespace lends the rights to make the others; the uid stays ours
+        uid, gid = os.getuid(), os.getgid()
+        check(libc.unshare(CLONE_NEWUSER), "a user namespace")
+        for name, content in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(content)
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "mount and network namespaces")
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    attributes = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attributes),
+                       ctypes.sizeof(attributes)), "a read-only host file system (mount_setattr, Linux 5.12+)")
+    for folder in PRIVATE_TMPFS:
+        if os.path.isdir(folder):
+            check(libc.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                             f"size={tmp_mb}m,mode=0755".encode()), f"a private {folder}")
+    # Hardening where the kernel allows it (5.8+, per mount): processes of other uids vanish from /proc.
+    libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=invisible")
+
+
+def check(result: int, what: str) -> None:
+    if result != 0:
+        raise SystemExit(f"the namespace sandbox cannot make {what}: {os.strerror(ctypes.get_errno())}")
 
 
 def run_trajectory(request: dict) -> dict:
-    scratch = tempfile.mkdtemp(prefix="traj-", dir=request.get("scratch_root") or None)
+    scratch = tempfile.mkdtemp(prefix="traj-", dir="/tmp")  # the private /tmp, at every level
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.close(read_fd)
         child(request, scratch, write_fd)
     os.close(write_fd)
-    cells, status, detail = collect(pid, read_fd, request["timeout"])
+    megabyte = 1 << 20
+    # A cell's result carries at most max_file_mb of images (base64) and a bounded text: more is an attack.
+    most = len(request["cells"]) * (2 * request["max_file_mb"] + 1) * megabyte
+    cells, status, detail = collect(pid, read_fd, request["timeout"], most)
+    kill_leftovers()  # before the clean-up, so nothing of the trajectory races it
     shutil.rmtree(scratch, ignore_errors=True)
     return {"cells": cells, "status": status, "detail": detail}
 
 
-def collect(pid: int, read_fd: int, timeout: float) -> tuple[list[dict], str, str]:
-    """Read the child's per-cell results until it exits or the wall-clock limit passes."""
+def collect(pid: int, read_fd: int, timeout: float, most: int) -> tuple[list[dict], str, str]:
+    """Read the child's per-cell results until it exits, the wall-clock limit passes or it sends over `most` bytes."""
     deadline = time.monotonic() + timeout
-    buffer = b""
+    chunks: list[bytes] = []
+    received = 0
     status, detail = "ok", ""
     while True:
         remaining = deadline - time.monotonic()
@@ -97,9 +138,13 @@ def collect(pid: int, read_fd: int, timeout: float) -> tuple[list[dict], str, st
             chunk = os.read(read_fd, 1 << 20)
             if not chunk:
                 break
-            buffer += chunk
+            received += len(chunk)
+            if received > most:
+                status, detail = "killed", f"killed: its results went over {most >> 20} MiB"
+                break
+            chunks.append(chunk)
     os.close(read_fd)
-    if status == "timeout":
+    if status != "ok":
         kill_tree(pid)
     _, wait_status = os.waitpid(pid, 0)
     if status == "ok" and os.WIFSIGNALED(wait_status):
@@ -108,11 +153,12 @@ def collect(pid: int, read_fd: int, timeout: float) -> tuple[list[dict], str, st
     elif status == "ok" and os.WEXITSTATUS(wait_status) != 0:
         status, detail = "crashed", f"the trajectory's process exited with status {os.WEXITSTATUS(wait_status)}"
     cells = []
-    for line in buffer.splitlines():
+    for line in b"".join(chunks).splitlines():
         try:
             cell = json.loads(line)
-        except json.JSONDecodeError:
-            status, detail = "crashed", "unreadable result from the child"
+        except json.JSONDecodeError:  # cut short by a kill, or written by the code itself
+            if status == "ok":
+                status, detail = "crashed", "unreadable result from the child"
             continue
         if "setup_error" in cell:
             status, detail = "setup_failed", cell["setup_error"]
@@ -157,8 +203,11 @@ def child(request: dict, scratch: str, write_fd: int) -> None:
         os.setsid()
         prepare_scratch(request, scratch)
         drop_privileges(scratch)
+        drop_capabilities()
+        detach_descriptors(write_fd)
         apply_limits(request)
         os.chdir(scratch)
+        os.environ["TMPDIR"] = tempfile.tempdir = scratch  # the one place the code may write
         owner = os.getpid()
         with os.fdopen(write_fd, "w") as out:
             try:
@@ -168,7 +217,7 @@ def child(request: dict, scratch: str, write_fd: int) -> None:
                 out.flush()
                 os._exit(0)
             for index, code in enumerate(request["cells"]):
-                result = run_cell(code, index, namespace, scratch)
+                result = run_cell(code, index, namespace, scratch, request)
                 if os.getpid() != owner:  # a process the code forked: only the trajectory itself reports
                     os._exit(0)
                 out.write(json.dumps(result) + "\n")
@@ -193,6 +242,31 @@ def drop_privileges(scratch: str) -> None:
         os.setgroups([])
         os.setgid(RUN_AS)
         os.setuid(RUN_AS)
+
+
+def drop_capabilities() -> None:
+    """No capability left (a worker in a user namespace keeps its uid, so setuid did not clear them), and none
+    to regain: no setuid program may raise the rights again."""
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:  # version 3: two 32-bit words
+        raise OSError(ctypes.get_errno(), "capset")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+
+
+def detach_descriptors(write_fd: int) -> None:
+    """The worker's protocol pipes and log are not the code's: its fds 0-2 become /dev/null, the rest close."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for descriptor in (0, 1, 2):
+        os.dup2(null, descriptor)
+    os.closerange(3, write_fd)
+    os.closerange(write_fd + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 def apply_limits(request: dict) -> None:
@@ -237,16 +311,41 @@ class Shown:
         self.images.append(buffer.getvalue())
 
 
-def run_cell(code: str, index: int, namespace: dict, scratch: str) -> dict:
-    before = {name: os.stat(name).st_mtime_ns for name in os.listdir(scratch)}
+class OutputLimitExceeded(Exception):
+    """The cell printed, or returned in images, more than its limits allow."""
+
+
+class OutputRejected(Exception):
+    """The cell's output is not a file it wrote (a link out of the scratch directory)."""
+
+
+class BoundedText(io.StringIO):
+    """stdout / stderr that stops the code once it printed over the limit, so a flood never fills memory."""
+
+    def __init__(self, stream: str, limit: int) -> None:
+        super().__init__()
+        self.stream, self.limit, self.overflowed = stream, limit, False
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.limit:
+            self.overflowed = True
+            raise OutputLimitExceeded(self.problem())
+        return super().write(text)
+
+    def problem(self) -> str:
+        return f"{self.stream} over {self.limit >> 10} KiB (max_output_kb)"
+
+
+def run_cell(code: str, index: int, namespace: dict, scratch: str, request: dict) -> dict:
+    before = {name: os.lstat(name).st_mtime_ns for name in os.listdir(scratch)}
     shown = Shown()
     # Plain functions, not bound methods: pyplot sets attributes on its show().
     plt.show = lambda *args, **kwargs: shown.figure()  # type: ignore[assignment]
     Image.Image.show = lambda image, *args, **kwargs: shown.pil(image)  # type: ignore[method-assign]
-    stdout, stderr = io.StringIO(), io.StringIO()
+    streams = {name: BoundedText(name, request["max_output_kb"] << 10) for name in ("stdout", "stderr")}
     error, trace = "", ""
     real_stdout, real_stderr = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = stdout, stderr
+    sys.stdout, sys.stderr = streams["stdout"], streams["stderr"]
     try:
         exec(compile(code, f"<cell {index}>", "exec"), namespace)  # noqa: S102 - isolated, that is the point
     except BaseException as exc:  # SystemExit and KeyboardInterrupt from the code are its errors too
@@ -254,18 +353,53 @@ def run_cell(code: str, index: int, namespace: dict, scratch: str) -> dict:
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))  # from the cell on
     finally:
         sys.stdout, sys.stderr = real_stdout, real_stderr
-    saved = sorted(
-        name for name in os.listdir(scratch)
-        if name.lower().endswith(IMAGE_SUFFIXES) and before.get(name) != os.stat(name).st_mtime_ns
-    )
-    images = shown.images + [open(name, "rb").read() for name in saved]
+    overflowed = [stream for stream in streams.values() if stream.overflowed]
+    if overflowed and not error:  # the code caught the error and went on
+        error = f"OutputLimitExceeded: {overflowed[0].problem()}"
+    images: list[bytes] = []
+    try:
+        images = output_images(shown, scratch, before, request["max_file_mb"] << 20)
+    except (OutputLimitExceeded, OutputRejected) as exc:
+        error = error or f"{type(exc).__name__}: {exc}"
     return {
-        "stdout": stdout.getvalue()[-100_000:],
-        "stderr": stderr.getvalue()[-20_000:],
+        "stdout": streams["stdout"].getvalue()[-TEXT_KEPT["stdout"]:],
+        "stderr": streams["stderr"].getvalue()[-TEXT_KEPT["stderr"]:],
         "error": error,
         "traceback": trace,
         "images": [base64.b64encode(data).decode() for data in images],
     }
+
+
+def output_images(shown: Shown, scratch: str, before: dict[str, int], most_bytes: int) -> list[bytes]:
+    """The images the cell showed, then those it saved (new or changed files); each a plain file of the scratch
+    directory, within PIL's decompression-bomb pixel limit, all together within `most_bytes`."""
+    images = list(shown.images)
+    for name in sorted(os.listdir(scratch)):
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        status = os.lstat(name)
+        if stat.S_ISLNK(status.st_mode):
+            raise OutputRejected(f"{name} is a link to {os.readlink(name)!r}, not an image the code wrote")
+        if stat.S_ISREG(status.st_mode) and before.get(name) != status.st_mtime_ns:
+            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
+                images.append(handle.read(most_bytes + 1))
+    if sum(map(len, images)) > most_bytes:
+        raise OutputLimitExceeded(f"images over {most_bytes >> 20} MiB (max_file_mb)")
+    for data in images:
+        check_pixels(data)
+    return images
+
+
+def check_pixels(data: bytes) -> None:
+    """A decompression bomb (a small file of a huge image) must not reach whoever decodes the output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            Image.open(io.BytesIO(data)).close()  # reads the header only; PIL checks the size there
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise OutputLimitExceeded(f"an image is a decompression bomb: {exc}") from None
+        except Exception:  # not an image: consistency compares it as such
+            pass
 
 
 if __name__ == "__main__":
