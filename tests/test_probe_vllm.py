@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import assert_accounting, messages_row, write_jsonl
@@ -15,7 +16,7 @@ from vllm_device import needs_vllm
 
 from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
-from curate.rundir import RunDir, write_parquet_atomic
+from curate.rundir import RunDir
 from curate.sample import ROW_SCHEMA
 
 # Words SmolLM2-135M-Instruct copies back (solvable) and sums it gets wrong (kept by both stages).
@@ -53,10 +54,12 @@ def test_probe_stages_on_vllm_resume_after_a_crash_without_generating_twice(
     monkeypatch.setattr(VLLMGenerator, "generate", counted)
     commit = RunDir.commit_batch
 
-    def crash_on_second(self, state, kept, rejected, rows):  # dies after writing parts, before the state
+    debris = tmp_path / "run" / "state" / "kept" / "part-000001-deadbeef.parquet"
+
+    def crash_on_second(self, state, kept, rejected, rows):  # dies after writing a part, before the state
         if state.batches_done == 1:
-            write_parquet_atomic(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA),
-                                 self.kept_parts / f"part-{state.batches_done:06d}.parquet")
+            debris.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA), debris)
             raise KeyboardInterrupt
         commit(self, state, kept, rejected, rows)
 
@@ -71,6 +74,7 @@ def test_probe_stages_on_vllm_resume_after_a_crash_without_generating_twice(
     manifest = LocalExecutor(load_recipe(path), tmp_path / "run", cache_path=tmp_path / "cache.sqlite",
                              progress=False).run()
     assert manifest["resumed"] == 1
+    assert not debris.exists()  # no committed state named it: deleted on resume
     assert_accounting(tmp_path / "run")
     kept, rejected = outcome(tmp_path / "run")
     assert ("row-00000", "base_model_solvable", "solvable") in rejected  # lemon, copied back greedily
