@@ -139,8 +139,12 @@ def figure(results: dict[str, Any], seeds: int, png: Path) -> Path:
             continue
         x, x_se = mean_se([pooled(r, UNNEEDED, "tool_calls") for r in runs])
         y, y_se = mean_se([pooled(r, NEEDED, "accuracy") for r in runs])
-        style = {"grpo": "s", "otc": "D", "coupled": "o", "hdpo": "^", "before": "x"}[name.split()[0]]
-        axis.errorbar(x, y, xerr=x_se, yerr=y_se, fmt=style, capsize=3, label=name)
+        family = name.split()[0]
+        members = [n for n in CONFIGS if n.startswith(family)]
+        shade = 0.4 + 0.6 * (members.index(name) + 1) / len(members) if name in members else 1.0
+        color = {"coupled": plt.cm.Reds, "hdpo": plt.cm.Blues}.get(family, lambda _: "black")(shade)
+        style = {"grpo": "s", "otc": "D", "coupled": "o", "hdpo": "^", "before": "x"}[family]
+        axis.errorbar(x, y, xerr=x_se, yerr=y_se, fmt=style, color=color, capsize=3, label=name)
     axis.set_xlabel(f"tool-call rate where the tool is not needed ({', '.join(UNNEEDED)})")
     axis.set_ylabel(f"accuracy where the tool is needed ({', '.join(NEEDED)})")
     axis.set_title(f"toy suite, mean ± s.e. over up to {seeds} seeds: up and left is better")
