@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from curate import storage
 from curate.cache import Cache
 from curate.formats import MalformedRow, get_format, records, sniff_format
 from curate.recipe import Recipe
@@ -73,7 +74,7 @@ def estimate(recipe: Recipe, cache_path: Path) -> Estimate:
             for record in records(source.path):
                 result.rows += 1
                 try:
-                    sample = reader.parse(record, source.path.parent)
+                    sample = reader.parse(record, storage.parent(source.path))
                 except MalformedRow:
                     result.malformed += 1  # the run rejects it at `read`: no request
                     continue
