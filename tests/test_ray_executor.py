@@ -128,7 +128,8 @@ RayExecutor(load_recipe(Path(recipe)), Path(run_dir), cache_path=Path(cache), pr
 
 def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(60)])
-    recipe = recipe_file(tmp_path, source, [{"hash_bucket": {}}, {"slow": {"seconds": 0.4}}, {"first_n": {"n": 25}}])
+    # 1 s a batch: the 12 batches outlast the polling below even on a loaded machine, so the kill lands part-way.
+    recipe = recipe_file(tmp_path, source, [{"hash_bucket": {}}, {"slow": {"seconds": 1.0}}, {"first_n": {"n": 25}}])
     clean = LocalExecutor(load_recipe(recipe), tmp_path / "clean", cache_path=tmp_path / "c.sqlite", progress=False).run()
     run_dir = tmp_path / "killed"
     driver = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, cluster, str(recipe), str(run_dir),
