@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from curate import storage
 from curate.estimate import estimate
 from curate.formats import MalformedRow, get_format, records, sniff_format
 from curate.recipe import Recipe, load_recipe
@@ -29,7 +30,7 @@ def read_only(recipe: Recipe) -> int:
         for record in records(source.path):
             rows += 1
             try:
-                reader.parse(record, source.path.parent)
+                reader.parse(record, storage.parent(source.path))
             except MalformedRow:
                 continue
     return rows
