@@ -305,3 +305,26 @@ def test_unopenable_input_image_is_reported_not_silently_passed() -> None:
         result = sandbox.run(["print(1)"], {"image_1.png": b"not an image"}, ["image_1.png"])
     assert result.status == "setup_failed" and result.cells == []
     assert "cannot open the input images: UnidentifiedImageError" in result.detail
+
+
+def test_namespace_level_sees_a_python_installation_that_lives_under_tmp(tmp_path: Path) -> None:
+    """A venv in a clone under /tmp (as CI may make) is hidden by the private /tmp unless bound back read-only."""
+    venv = Path("/tmp") / f"curate-venv-{uuid.uuid4().hex}"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site_packages = next(venv.glob("lib/python*/site-packages"))
+        (site_packages / "ours.pth").write_text("\n".join(sys.path[1:]) + "\n")  # curate and its dependencies
+        (site_packages / "only_in_this_venv.py").write_text("WHERE = 'venv under /tmp'\n")
+        program = ("from curate.sandbox import Sandbox, SandboxOptions\n"
+                   "with Sandbox(SandboxOptions(isolation='namespace', parallelism=1)) as box:\n"
+                   "    cell = box.run(['import only_in_this_venv; print(only_in_this_venv.WHERE)',"
+                   " 'open(only_in_this_venv.__file__, \"a\")']).cells\n"
+                   "print(cell[0].stdout.strip(), '|', cell[1].error)\n")
+        result = subprocess.run([str(venv / "bin" / "python"), "-c", program], capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        shown, error = result.stdout.splitlines()[-1].split("|")
+        assert shown.strip() == "venv under /tmp", result.stdout
+        assert "Read-only file system" in error or "Permission denied" in error  # bound back read-only
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)

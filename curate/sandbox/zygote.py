@@ -35,7 +35,7 @@ import warnings
 
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_PRIVATE = 0x2, 0x4, 0x8, 1 << 18
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR = 0x1, 0x2, 0x8000, -100, 442
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
 RUN_AS = 65534  # nobody, unless --uid says otherwise
@@ -89,15 +89,35 @@ def private_mounts(tmp_mb: int) -> None:
         _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                     ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
-    attributes = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
-    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attributes),
-                       ctypes.sizeof(attributes)), "a read-only host file system (mount_setattr, Linux 5.12+)")
+    def read_only(path: str) -> None:
+        attributes = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
+        check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, ctypes.byref(attributes),
+                           ctypes.sizeof(attributes)), f"{path} read-only (mount_setattr, Linux 5.12+)")
+
+    read_only("/")
+    # A python installation under a folder about to be hidden (a venv in a clone under /tmp) is held open
+    # now and bound back, read-only, once the private tmpfs is over it, as the bubblewrap level does.
+    hidden = {home: os.open(home, os.O_PATH) for home in python_homes()
+              if any(home.startswith(folder + "/") for folder in PRIVATE_TMPFS)}
     for folder in PRIVATE_TMPFS:
         if os.path.isdir(folder):
             check(libc.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
                              f"size={tmp_mb}m,mode=0755".encode()), f"a private {folder}")
+    for home, handle in hidden.items():
+        os.makedirs(home, mode=0o755, exist_ok=True)
+        check(libc.mount(f"/proc/self/fd/{handle}".encode(), home.encode(), None, MS_BIND | MS_REC, None),
+              f"the python installation {home} visible")
+        read_only(home)
+        os.close(handle)
     # Hardening where the kernel allows it (5.8+, per mount): processes of other uids vanish from /proc.
     libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=invisible")
+
+
+def python_homes() -> list[str]:
+    """The python installation the worker and its children import from, outermost folders only."""
+    homes = sorted({os.path.realpath(home) for home in (sys.prefix, sys.base_prefix,
+                                                         os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))})
+    return [home for home in homes if not any(home.startswith(other + "/") for other in homes)]
 
 
 def check(result: int, what: str) -> None:
