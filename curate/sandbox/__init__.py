@@ -85,7 +85,8 @@ class TrajectoryResult:
 def bwrap_options(tmp_mb: int) -> list[str]:
     """bubblewrap's arguments up to the program: what the workers (and the start-up check) run inside."""
     options = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-               "--die-with-parent", "--new-session", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev"]
+               "--as-pid-1", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+               "--proc", "/proc", "--dev", "/dev"]
     # The private tmpfs come first: binds below may live under /tmp (a venv in a temporary clone). Mode 0755:
     # the worker makes each trajectory's scratch directory there; the trajectory's uid may write nowhere else.
     for folder in PRIVATE_TMPFS:
@@ -102,6 +103,8 @@ def bwrap_options(tmp_mb: int) -> list[str]:
     # Only what the worker needs to hand each trajectory to its own uid and clean up after it.
     for capability in ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN", "CAP_KILL", "CAP_DAC_OVERRIDE", "CAP_FOWNER"):
         options += ["--cap-add", capability]
+    if os.getuid() != 0:  # a non-root worker mounts each trajectory's view (caps of bubblewrap's user namespace)
+        options += ["--cap-add", "CAP_SYS_ADMIN"]
     return options
 
 

@@ -8,8 +8,9 @@ curate that the sandbox can see. Protocol over stdin / stdout, one JSON object p
     response: {"cells": [{"stdout", "stderr", "error", "traceback", "images": [base64 png, ...]}, ...],
                "status": "ok" | "timeout" | "killed" | "crashed" | "setup_failed", "detail": str}
 
-At the namespace level (`--private-mounts TMP_MB`) the worker isolates itself first: its own mount and
-network namespaces, the host file system read-only, private tmpfs over /tmp, /var/tmp and /dev/shm.
+At the namespace level (`--private-mounts TMP_MB`) the worker isolates itself first: its own mount,
+network and pid namespaces (the worker is pid 1, with a /proc of its own), the host file system read-only,
+private tmpfs over /tmp, /var/tmp and /dev/shm.
 The child runs as an unprivileged user (when the worker is root) with resource limits, in a fresh
 scratch directory that is deleted afterwards; the worker is a child subreaper and kills every
 process the trajectory left behind. Results travel back as JSON, never pickle: the child is untrusted.
@@ -33,8 +34,8 @@ import time
 import traceback
 import warnings
 
-PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR = 0x1, 0x2, 0x8000, -100, 442
 PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
@@ -52,6 +53,11 @@ def main() -> None:
     RUN_AS = int(sys.argv[sys.argv.index("--uid") + 1])
     warm_imports()  # after the isolation: matplotlib writes its cache under HOME (/tmp)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # Where the trajectories keep the worker's uid (a non-root user), these alone keep them off the worker:
+    # as pid 1 of its pid namespace it gets no signal it does not handle, and a non-dumpable process can be
+    # neither traced nor read through /proc.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         print(json.dumps(run_trajectory(json.loads(line))), flush=True)
@@ -83,24 +89,16 @@ def private_mounts(tmp_mb: int) -> None:
         for name, content in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{name}", "w") as handle:
                 handle.write(content)
-    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "mount and network namespaces")
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-    def read_only(path: str) -> None:
-        attributes = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
-        check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE, ctypes.byref(attributes),
-                           ctypes.sizeof(attributes)), f"{path} read-only (mount_setattr, Linux 5.12+)")
-
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "mount, network and pid namespaces")
     read_only("/")
+    # A non-root user's trajectories keep that user's uid: its home (keys, tokens) is hidden from them too.
+    private = [*PRIVATE_TMPFS, *([os.path.expanduser("~")] if os.getuid() != 0 else [])]
     # A python installation under a folder about to be hidden (a venv in a clone under /tmp) is held open
     # now and bound back, read-only, once the private tmpfs is over it, as the bubblewrap level does.
     hidden = {home: os.open(home, os.O_PATH) for home in python_homes()
-              if any(home.startswith(folder + "/") for folder in PRIVATE_TMPFS)}
-    for folder in PRIVATE_TMPFS:
-        if os.path.isdir(folder):
+              if any(home.startswith(folder + "/") for folder in private)}
+    for folder in private:
+        if os.path.isdir(folder) and folder != "/":
             check(libc.mount(b"tmpfs", folder.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
                              f"size={tmp_mb}m,mode=0755".encode()), f"a private {folder}")
     for home, handle in hidden.items():
@@ -109,14 +107,42 @@ def private_mounts(tmp_mb: int) -> None:
               f"the python installation {home} visible")
         read_only(home)
         os.close(handle)
-    # Hardening where the kernel allows it (5.8+, per mount): processes of other uids vanish from /proc.
-    libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=invisible")
+    become_pid_one()
+    # A /proc of the new pid namespace: no host process is in sight. Where the kernel allows (5.8+), processes
+    # of other uids vanish from it too.
+    proc_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    if libc.mount(b"proc", b"/proc", b"proc", proc_flags, b"hidepid=invisible") != 0:
+        check(libc.mount(b"proc", b"/proc", b"proc", proc_flags, None), "a /proc of its own")
+
+
+def become_pid_one() -> None:
+    """Fork into the new pid namespace; the first process only waits, and its child carries on as the worker.
+
+    Killing the first process (as the sandbox does to a worker) kills the worker with it, and every process
+    of the namespace with the worker."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def read_only(path: str, recursive: bool = True) -> None:
+    attributes = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
+    check(libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), AT_RECURSIVE if recursive else 0,
+                       ctypes.byref(attributes), ctypes.sizeof(attributes)),
+          f"{path} read-only (mount_setattr, Linux 5.12+)")
 
 
 def python_homes() -> list[str]:
     """The python installation the worker and its children import from, outermost folders only."""
-    homes = sorted({os.path.realpath(home) for home in (sys.prefix, sys.base_prefix,
-                                                         os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))})
+    interpreter_home = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
+    homes = sorted({os.path.realpath(home) for home in (sys.prefix, sys.base_prefix, interpreter_home)})
     return [home for home in homes if not any(home.startswith(other + "/") for other in homes)]
 
 
@@ -221,7 +247,10 @@ def kill_leftovers() -> None:
 def child(request: dict, scratch: str, write_fd: int) -> None:
     try:
         os.setsid()
+        # Dumpable again, unlike the worker: a non-root worker must still see (in /proc) and kill what it leaves.
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
         prepare_scratch(request, scratch)
+        private_scratch(scratch)
         drop_privileges(scratch)
         drop_capabilities()
         detach_descriptors(write_fd)
@@ -252,6 +281,18 @@ def prepare_scratch(request: dict, scratch: str) -> None:
     for name, data in request["images"].items():
         with open(os.path.join(scratch, os.path.basename(name)), "wb") as handle:
             handle.write(base64.b64decode(data))
+
+
+def private_scratch(scratch: str) -> None:
+    """A non-root worker cannot hand the trajectory another uid, and its own uid owns the private folders: the
+    trajectory gets a mount namespace in which they are read-only, all but its scratch directory."""
+    if os.getuid() == 0:  # the trajectory will run as another uid, which file modes already keep out
+        return
+    check(libc.unshare(CLONE_NEWNS), "a mount namespace for the trajectory")
+    check(libc.mount(scratch.encode(), scratch.encode(), None, MS_BIND, None), "the scratch directory a mount")
+    for folder in PRIVATE_TMPFS:
+        if os.path.isdir(folder):
+            read_only(folder, recursive=False)
 
 
 def drop_privileges(scratch: str) -> None:
