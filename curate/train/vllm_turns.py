@@ -27,6 +27,7 @@ from curate.errors import UserError
 from curate.generation import pil_image
 from curate.generation.hf import LoadedModel
 from curate.models import resolve_model
+from curate.train.distributed import full_weights
 from curate.train.rollout import STOP, Rollout, RolloutConfig, placeholder_ids
 from curate.vllm_engine import import_vllm, on_cpu, platform_args, start_engine, sync_weights
 
@@ -104,5 +105,5 @@ class VLLMTurns:
 
     def load_policy(self, net: torch.nn.Module) -> None:
         started = time.perf_counter()
-        sync_weights(self.llm, net.state_dict().items())
+        sync_weights(self.llm, full_weights(net).items())  # gathered on every rank when the policy is sharded
         self.sync_seconds.append(time.perf_counter() - started)
