@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -239,7 +240,7 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
     checkpoint = train_sft(SFTConfig(model, list(shards), out, epochs, lr or 1e-5, batch_size, grad_accum, max_tokens,
                                      save_every, seed, device, bf16=bf16,
                                      activation_checkpointing=activation_checkpointing))
-    click.echo(f"checkpoint: {checkpoint}")
+    _say_checkpoint(checkpoint)
 
 
 @train.command("hdpo")
@@ -307,10 +308,15 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
                         sandbox_workers=sandbox_workers, observation_images=observation_images, bf16=bf16,
                         activation_checkpointing=activation_checkpointing)
     try:
-        click.echo(f"checkpoint: {train_hdpo(config, judge)}")
+        _say_checkpoint(train_hdpo(config, judge))
     finally:
         if judge is not None:
             judge.close()
+
+
+def _say_checkpoint(checkpoint: Path) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, under torchrun
+        click.echo(f"checkpoint: {checkpoint}")
 
 
 def _launched(nproc: int | None) -> bool:

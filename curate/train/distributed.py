@@ -95,7 +95,8 @@ def process_group(device: str) -> Iterator[tuple[Ranks, str]]:
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), True), device
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a vLLM engine, stopped, takes the group down with it
+            dist.destroy_process_group()
 
 
 def shard(net: torch.nn.Module, ranks: Ranks, bf16: bool, activation_checkpointing: bool) -> None:

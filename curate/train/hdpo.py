@@ -229,9 +229,10 @@ def _train_hdpo(config: HDPOConfig, judge: Judge | None, ranks: Ranks, device: s
                 bar.update()
                 if config.save_every and step % config.save_every == 0:
                     save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
+        return save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
     finally:
         sandbox.close()
-    return save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
+        engine.turns.close()
 
 
 def sampler(loaded: LoadedModel, weights: str, rollout_config: RolloutConfig, config: HDPOConfig,
@@ -241,7 +242,8 @@ def sampler(loaded: LoadedModel, weights: str, rollout_config: RolloutConfig, co
     if config.generation == "vllm":
         from curate.train.vllm_turns import VLLMTurns
 
-        turns = VLLMTurns(loaded, config.model, rollout_config, config.vllm_memory, config.seed + ranks.rank)
+        turns = VLLMTurns(loaded, config.model, rollout_config, config.vllm_memory, config.seed + ranks.rank,
+                          ranks)
         turns.load_policy(loaded.net)  # a resumed run continues from its checkpoint's weights, not the base model's
         return turns
     if ranks.active:

@@ -29,11 +29,14 @@ def launch(nproc: int, argv: list[str]) -> None:
         elastic_launch(config, sys.executable)("-m", "curate", *argv)
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
-        raise UserError(f"process {rank} of {nproc} {how(failure.exitcode)}; the other processes were stopped "
-                        "(its output is above; rerun the same command to resume from the last checkpoint)") from None
+        print(file=sys.stderr)  # rank 0's progress bar may have been cut mid-line
+        raise UserError(f"process {rank} of {nproc} {how(failure.exitcode)}; the other processes were stopped") from None
 
 
 def how(exitcode: int) -> str:
+    if exitcode == 2:
+        return "stopped on the error above"  # a UserError, said by the process itself
     if exitcode < 0:
-        return f"was killed by {signal.Signals(-exitcode).name}"
-    return f"failed with exit code {exitcode}"
+        return (f"was killed by {signal.Signals(-exitcode).name} (rerun the same command to resume from the last "
+                "checkpoint)")
+    return f"failed with exit code {exitcode} (its output is above)"

@@ -87,6 +87,15 @@ class TurnSampler(Protocol):
         """Called after every update: sample from the policy's new weights from now on."""
         ...
 
+    def keep_sampling(self, active: list[Rollout]) -> bool:
+        """Whether to call `sample` again with these unfinished rollouts (some ranks' samplers must go on, with
+        none, until every rank's rollouts are done)."""
+        ...
+
+    def close(self) -> None:
+        """Free what the sampler holds, at the end of training."""
+        ...
+
 
 def placeholder_ids(loaded: LoadedModel) -> list[int]:
     """The image and video placeholder ids a policy must never sample: a rollout holding more of them than
@@ -109,6 +118,12 @@ class TransformersTurns:
 
     def load_policy(self, net: torch.nn.Module) -> None:
         """Nothing to do: the sampler is the policy."""
+
+    def keep_sampling(self, active: list[Rollout]) -> bool:
+        return bool(active)
+
+    def close(self) -> None:
+        """Nothing to free: the sampler is the policy (or, on several ranks, a copy that goes with it)."""
 
     @torch.inference_mode()
     def _generate(self, rollouts: list[Rollout]) -> list[list[int]]:
@@ -169,7 +184,7 @@ class RolloutEngine:
 
     def run(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Generate turn after turn until every rollout is done."""
-        while active := [r for r in rollouts if not r.done]:
+        while self.turns.keep_sampling(active := [r for r in rollouts if not r.done]):
             self.advance(active, self.turns.sample(active))
         return rollouts
 
