@@ -84,6 +84,12 @@ def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_ac
     torch.testing.assert_close(losses(tmp_path / "one-then-two"), losses(tmp_path / "one")[2:], **TOLERANCE)
     for resumed in ("two-then-one", "one-then-two"):
         assert_same_weights(tmp_path / resumed / "checkpoint-000004", tmp_path / "one" / "checkpoint-000004")
+    # bfloat16 compute and activation checkpointing: the same steps within bfloat16's rounding, float32 weights kept
+    curate("train", "sft", str(sft_shard), "--model", str(toy), "-o", str(tmp_path / "bf16"), "--lr", "1e-3",
+           "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
+    torch.testing.assert_close(losses(tmp_path / "bf16"), losses(tmp_path / "one")[:2], rtol=0.02, atol=0)
+    assert losses(tmp_path / "bf16") != losses(tmp_path / "one")[:2]  # it did compute in bfloat16
+    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "bf16" / "checkpoint-000002" / "model.safetensors").values())
     optimizer = torch.load(tmp_path / "two-then-one" / "checkpoint-000002" / "optimizer.pt")["optimizer"]
     assert len(optimizer["state"]) == len(list(load_model(str(toy), "cpu").net.parameters()))  # whole, not a shard
 
