@@ -2,8 +2,10 @@
 
 1. step time: SFT on the toy policy, the same global batch a step (1 process: 2 micro-batches a step; 2
    processes: 1 each), median seconds a step after the first; and one HDPO step (rollouts + update) on the toy;
-2. peak memory per rank: SFT on a bigger toy (hidden 1024, 8 layers, ~100M parameters, so that parameters,
-   gradients and AdamW's state dominate), peak RSS of each rank above its RSS before loading the model.
+2. peak memory per rank: SFT on a bigger toy (hidden 1024, 8 layers, 109M parameters, so that parameters,
+   gradients and AdamW's state dominate), peak RSS of each rank above its RSS before loading the model;
+3. what FSDP's collectives cost here: gloo's all-gather and reduce-scatter of 200 MB (a float32 model of 50M
+   parameters) between the 2 processes, which a sharded step runs for every block, forward and backward.
 
 Every process runs one compute thread (OMP_NUM_THREADS=1): 2 processes use 2 cores, 1 uses 1.
 
@@ -19,10 +21,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def collectives(out: str) -> None:
+    """Seconds of gloo's all-gather and reduce-scatter of a 200 MB float32 tensor (median of 3), to OUT/comm.json."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    whole, shard = torch.empty(50_000_000), torch.randn(25_000_000)
+    seconds = {}
+    for name, collective in (("all_gather", lambda: dist.all_gather_into_tensor(whole, shard)),
+                             ("reduce_scatter", lambda: dist.reduce_scatter_tensor(shard, whole))):
+        collective()
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            collective()
+            times.append(time.perf_counter() - started)
+        seconds[name] = statistics.median(times)
+    if dist.get_rank() == 0:
+        (Path(out) / "comm.json").write_text(json.dumps(seconds))
+    dist.destroy_process_group()
 
 
 def worker(kind: str, model: str, data: str, out: str, count: int) -> None:
@@ -76,7 +101,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         kind, model, data, out, steps = args.worker
-        worker(kind, model, data, out, int(steps))
+        if kind == "comm":
+            collectives(out)
+        else:
+            worker(kind, model, data, out, int(steps))
         return
 
     from curate.formats import get_format
@@ -97,6 +125,9 @@ def main() -> None:
             for processes, accum in ((1, 2), (2, 1)):
                 results[name, processes] = run("sft", model, sft_data, folder / f"{name}-{processes}", processes,
                                                accum)
+        subprocess.run([*TORCHRUN, str(Path(__file__).resolve()), "--worker", "comm", "-", "-", scratch, "0"], check=True,
+                       env=ENV, capture_output=True)
+        comm = json.loads((folder / "comm.json").read_text())
         for processes in (1, 2):
             results["hdpo", processes] = run("hdpo", toy, prompts, folder / f"hdpo-{processes}", processes,
                                              args.hdpo_steps)
@@ -114,6 +145,8 @@ def main() -> None:
           f"{rank1} MiB: ratio {rank1 / alone:.2f}; rank 0, which also gathers the whole weights and optimizer state "
           f"to write the checkpoint, {rank0} MiB: ratio {rank0 / alone:.2f} (whole RSS: {results['big', 1]['peak_mib']}"
           f" vs {results['big', 2]['peak_mib']} MiB)")
+    print(f"gloo between the 2 processes, 200 MB: all-gather {comm['all_gather']:.3f} s, reduce-scatter "
+          f"{comm['reduce_scatter']:.3f} s (a sharded step of the big toy moves 437 MB each way, 3 times)")
 
 
 if __name__ == "__main__":
