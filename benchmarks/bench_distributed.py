@@ -125,8 +125,8 @@ def main() -> None:
             for processes, accum in ((1, 2), (2, 1)):
                 results[name, processes] = run("sft", model, sft_data, folder / f"{name}-{processes}", processes,
                                                accum)
-        subprocess.run([*TORCHRUN, str(Path(__file__).resolve()), "--worker", "comm", "-", "-", scratch, "0"], check=True,
-                       env=ENV, capture_output=True)
+        subprocess.run([*TORCHRUN, str(Path(__file__).resolve()), "--worker", "comm", "-", "-", scratch, "0"],
+                       check=True, env=ENV, capture_output=True)
         comm = json.loads((folder / "comm.json").read_text())
         for processes in (1, 2):
             results["hdpo", processes] = run("hdpo", toy, prompts, folder / f"hdpo-{processes}", processes,

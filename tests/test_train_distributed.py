@@ -89,7 +89,8 @@ def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_ac
            "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
     torch.testing.assert_close(losses(tmp_path / "bf16"), losses(tmp_path / "one")[:2], rtol=0.02, atol=0)
     assert losses(tmp_path / "bf16") != losses(tmp_path / "one")[:2]  # it did compute in bfloat16
-    assert all(t.dtype == torch.float32 for t in load_file(tmp_path / "bf16" / "checkpoint-000002" / "model.safetensors").values())
+    kept = load_file(tmp_path / "bf16" / "checkpoint-000002" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in kept.values())
     optimizer = torch.load(tmp_path / "two-then-one" / "checkpoint-000002" / "optimizer.pt")["optimizer"]
     assert len(optimizer["state"]) == len(list(load_model(str(toy), "cpu").net.parameters()))  # whole, not a shard
 
@@ -139,8 +140,8 @@ def test_hdpo_under_torchrun_logs_each_step_once_and_resumes_in_one_process(toy:
     log line a step, written once; its checkpoint resumed by a one-process run."""
     prompts = tmp_path / "prompts.parquet"
     get_format("verl").write(toy_prompts(("copy", "hash"), range(1, 5)), prompts)
-    args = ["train", "hdpo", str(prompts), "--model", str(toy), "-o", str(tmp_path / "out"), "--prompts", "4", "-G", "2",
-            "--max-new-tokens", "8", "--max-turns", "1", "--max-tokens", "100", "--sandbox-workers", "1"]
+    args = ["train", "hdpo", str(prompts), "--model", str(toy), "-o", str(tmp_path / "out"), "--prompts", "4",
+            "-G", "2", "--max-new-tokens", "8", "--max-turns", "1", "--max-tokens", "100", "--sandbox-workers", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "curate"]
     result = subprocess.run([*torchrun, *args, "--steps", "1"], capture_output=True, text=True, cwd=REPO, env=ENV,
                             check=False, timeout=300)
@@ -173,7 +174,8 @@ def test_prompts_that_do_not_split_over_the_processes_are_one_line(toy: Path, tm
                              str(tmp_path / "out"), "--prompts", "3", "--steps", "1", "--nproc", "2"],
                             capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("stopped on the error above; the other processes were stopped")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith("stopped on the error above; the other processes were stopped")
     assert "--prompts: 3 do not split evenly over 2 processes: use a multiple of 2" in result.stderr
 
 

@@ -112,7 +112,8 @@ def shard(net: torch.nn.Module, ranks: Ranks, bf16: bool, activation_checkpointi
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
     blocks = getattr(net, "_no_split_modules", None) or []
     for module in net.modules():
         if type(module).__name__ in blocks:

@@ -30,7 +30,8 @@ def launch(nproc: int, argv: list[str]) -> None:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         print(file=sys.stderr)  # rank 0's progress bar may have been cut mid-line
-        raise UserError(f"process {rank} of {nproc} {how(failure.exitcode)}; the other processes were stopped") from None
+        said = how(failure.exitcode)
+        raise UserError(f"process {rank} of {nproc} {said}; the other processes were stopped") from None
 
 
 def how(exitcode: int) -> str:
