@@ -95,6 +95,24 @@ def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_ac
     assert len(optimizer["state"]) == len(list(load_model(str(toy), "cpu").net.parameters()))  # whole, not a shard
 
 
+def test_a_checkpoint_with_the_optimizer_state_keyed_by_index_resumes(toy: Path, sft_shard: Path,
+                                                                       tmp_path: Path) -> None:
+    """Checkpoints written before the trainer ran sharded kept `Optimizer.state_dict()` (keyed by index)."""
+    from curate.train.checkpoint import start_or_resume
+    from curate.train.sft import SFTConfig, train_sft
+
+    saved = train_sft(SFTConfig(str(toy), [sft_shard], tmp_path, lr=1e-3, batch_size=2, max_tokens=64, device="cpu"))
+    _, by_name, _, _ = start_or_resume(tmp_path, str(toy), "cpu", 1e-3, True)
+    state = torch.load(saved / "optimizer.pt")
+    torch.save({**state, "optimizer": by_name.state_dict()}, saved / "optimizer.pt")  # keyed by index
+    assert isinstance(torch.load(saved / "optimizer.pt")["optimizer"]["param_groups"][0]["params"][0], int)
+    _, by_index, step, _ = start_or_resume(tmp_path, str(toy), "cpu", 1e-3, True)
+    assert step == 3 and by_index.state_dict()["state"].keys() == by_name.state_dict()["state"].keys()
+    assert any(moments["exp_avg"].abs().sum() > 0 for moments in by_name.state_dict()["state"].values())
+    for index, moments in by_name.state_dict()["state"].items():
+        torch.testing.assert_close(by_index.state_dict()["state"][index], moments, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def rollout_groups(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 prompts × G = 4 rollouts written turn by turn: right and wrong answers, with 0, 1 or 2 tool calls (run

@@ -66,10 +66,21 @@ def start_or_resume(out: Path, model: str, device: str, lr: float, resume: bool,
     # Only rank 0 reads the file; set_optimizer_state_dict sends each rank its shard of the whole state.
     state = torch.load(start / "optimizer.pt") if ranks.main else {"optimizer": {}}
     options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=ranks.active)
-    dcp.set_optimizer_state_dict(loaded.net, optimizer, state["optimizer"], options=options)
+    dcp.set_optimizer_state_dict(loaded.net, optimizer, by_name(state["optimizer"], loaded.net), options=options)
     if "rng" in state:  # checkpoints written before the generators were saved resume with a fresh seed
         restore_random_states(state["rng"])
     return loaded, optimizer, int(start.name.removeprefix("checkpoint-")), str(start)
+
+
+def by_name(state: dict[str, Any], net: torch.nn.Module) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name; one keyed by index (`Optimizer.state_dict`, as checkpoints
+    were written before the trainer ran sharded) is renamed, its indices following `net.parameters()`."""
+    groups = state.get("param_groups", [])
+    if not groups or not all(isinstance(index, int) for group in groups for index in group["params"]):
+        return state
+    names = [name for name, _ in net.named_parameters()]
+    return {"state": {names[index]: value for index, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[index] for index in group["params"]]} for group in groups]}
 
 
 def random_states() -> dict[str, Any]:
