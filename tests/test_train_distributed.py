@@ -1,0 +1,232 @@
+"""The trainer in two processes (torchrun, gloo on the CPU, the policy sharded with FSDP2) against one, on the
+toy policy: the same SFT steps and the same HDPO update give the same losses and weights; checkpoints written by
+two processes resume in one and the reverse; a rank that dies ends the run with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+from vllm_device import VLLM_DEVICE, needs_vllm
+
+from curate.formats import get_format
+from curate.generation.hf import load_model
+from curate.sandbox import Sandbox, SandboxOptions
+from curate.train.rollout import RolloutConfig, RolloutEngine
+from curate.train.toy import build_toy_policy, cold_start_data, hashed, toy_prompts
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_toy_policy(tmp_path_factory.mktemp("toy") / "toy")
+
+
+@pytest.fixture(scope="module")
+def sft_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 trajectories: at batch size 2, three micro-batches, so a step of two leaves a last step of one."""
+    path = tmp_path_factory.mktemp("sft") / "sft.parquet"
+    get_format("messages").write(cold_start_data(("hash", "chain"), range(3, 6)), path)
+    return path
+
+
+def curate(*args: str, nproc: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    launch = ["--nproc", str(nproc)] if nproc else []
+    result = subprocess.run([sys.executable, "-m", "curate", *args, *launch], capture_output=True, text=True,
+                            cwd=REPO, env=ENV, check=False, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def sft(shard: Path, model: Path, out: Path, epochs: int, grad_accum: int, nproc: int | None = None) -> None:
+    curate("train", "sft", str(shard), "--model", str(model), "-o", str(out), "--lr", "1e-3", "--batch-size", "2",
+           "--max-tokens", "64", "--epochs", str(epochs), "--grad-accum", str(grad_accum), "--save-every", "2",
+           nproc=nproc)
+
+
+def losses(out: Path, log: str = "sft_log.jsonl") -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / log).read_text().splitlines()]
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    ours, theirs = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], **TOLERANCE, msg=name)
+
+
+def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_across(
+        toy: Path, sft_shard: Path, tmp_path: Path) -> None:
+    """A 2-process step of one micro-batch a rank is the 1-process step of two; checkpoint-000002 (end of the
+    first epoch) resumed in the other number of processes continues as the uninterrupted run."""
+    sft(sft_shard, toy, tmp_path / "one", epochs=2, grad_accum=2)
+    sft(sft_shard, toy, tmp_path / "two-then-one", epochs=1, grad_accum=1, nproc=2)
+    torch.testing.assert_close(losses(tmp_path / "two-then-one"), losses(tmp_path / "one")[:2], **TOLERANCE)
+    assert_same_weights(tmp_path / "two-then-one" / "checkpoint-000002", tmp_path / "one" / "checkpoint-000002")
+    sft(sft_shard, toy, tmp_path / "two-then-one", epochs=2, grad_accum=2)  # resumed in one process
+
+    shutil.copytree(tmp_path / "one" / "checkpoint-000002", tmp_path / "one-then-two" / "checkpoint-000002")
+    sft(sft_shard, toy, tmp_path / "one-then-two", epochs=2, grad_accum=1, nproc=2)  # resumed in two
+    torch.testing.assert_close(losses(tmp_path / "two-then-one"), losses(tmp_path / "one"), **TOLERANCE)
+    torch.testing.assert_close(losses(tmp_path / "one-then-two"), losses(tmp_path / "one")[2:], **TOLERANCE)
+    for resumed in ("two-then-one", "one-then-two"):
+        assert_same_weights(tmp_path / resumed / "checkpoint-000004", tmp_path / "one" / "checkpoint-000004")
+    # bfloat16 compute and activation checkpointing: the same steps within bfloat16's rounding, float32 weights kept
+    curate("train", "sft", str(sft_shard), "--model", str(toy), "-o", str(tmp_path / "bf16"), "--lr", "1e-3",
+           "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
+    torch.testing.assert_close(losses(tmp_path / "bf16"), losses(tmp_path / "one")[:2], rtol=0.02, atol=0)
+    assert losses(tmp_path / "bf16") != losses(tmp_path / "one")[:2]  # it did compute in bfloat16
+    kept = load_file(tmp_path / "bf16" / "checkpoint-000002" / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in kept.values())
+    optimizer = torch.load(tmp_path / "two-then-one" / "checkpoint-000002" / "optimizer.pt")["optimizer"]
+    assert len(optimizer["state"]) == len(list(load_model(str(toy), "cpu").net.parameters()))  # whole, not a shard
+
+
+def test_a_checkpoint_with_the_optimizer_state_keyed_by_index_resumes(toy: Path, sft_shard: Path,
+                                                                       tmp_path: Path) -> None:
+    """Checkpoints written before the trainer ran sharded kept `Optimizer.state_dict()` (keyed by index)."""
+    from curate.train.checkpoint import start_or_resume
+    from curate.train.sft import SFTConfig, train_sft
+
+    saved = train_sft(SFTConfig(str(toy), [sft_shard], tmp_path, lr=1e-3, batch_size=2, max_tokens=64, device="cpu"))
+    _, by_name, _, _ = start_or_resume(tmp_path, str(toy), "cpu", 1e-3, True)
+    state = torch.load(saved / "optimizer.pt")
+    torch.save({**state, "optimizer": by_name.state_dict()}, saved / "optimizer.pt")  # keyed by index
+    assert isinstance(torch.load(saved / "optimizer.pt")["optimizer"]["param_groups"][0]["params"][0], int)
+    _, by_index, step, _ = start_or_resume(tmp_path, str(toy), "cpu", 1e-3, True)
+    assert step == 3 and by_index.state_dict()["state"].keys() == by_name.state_dict()["state"].keys()
+    assert any(moments["exp_avg"].abs().sum() > 0 for moments in by_name.state_dict()["state"].values())
+    for index, moments in by_name.state_dict()["state"].items():
+        torch.testing.assert_close(by_index.state_dict()["state"][index], moments, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def rollout_groups(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 prompts × G = 4 rollouts written turn by turn: right and wrong answers, with 0, 1 or 2 tool calls (run
+    in the sandbox), so both advantage channels are non-zero."""
+    loaded = load_model(str(toy), "cpu", "float32")
+    ids = lambda text: loaded.tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    groups = []
+    with Sandbox(SandboxOptions(timeout=5, cpu_seconds=5)) as sandbox:
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=3, max_new_tokens=16, max_tokens=200))
+        for prompt in toy_prompts(("hash",), range(3, 7)):
+            number = int(prompt.answer)
+            call = f'<tool_call>{{"name": "python", "arguments": {{"code": "print({number})"}}}}</tool_call>'
+            plans = [[], [call], [call, call], []]
+            answers = [number, number, number, hashed(number)]  # the last one wrong
+            group = []
+            for plan, answer in zip(plans, answers, strict=True):
+                rollout = engine.start(prompt)
+                for turn in plan:
+                    engine.advance([rollout], [ids(turn)])
+                engine.advance([rollout], [ids(f"<answer>{answer}</answer><|im_end|>")])
+                group.append(rollout)
+            groups.append(group)
+    path = tmp_path_factory.mktemp("rollouts") / "rollouts.pkl"
+    path.write_bytes(pickle.dumps(groups))
+    return path
+
+
+def test_two_process_hdpo_update_equals_the_one_process_update(toy: Path, rollout_groups: Path, tmp_path: Path) -> None:
+    """Same rollouts, each prompt's G on one rank: the same losses, clip fractions, clipped gradient norm (the
+    whole model's, over both ranks' shards) and updated weights."""
+    worker = [str(REPO / "tests" / "distributed_update.py"), str(toy), str(rollout_groups)]
+    subprocess.run([sys.executable, *worker, str(tmp_path / "one")], check=True, env=ENV, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *worker,
+                    str(tmp_path / "two")], check=True, env=ENV, timeout=300, capture_output=True)
+    one, two = (json.loads((tmp_path / name / "update.json").read_text()) for name in ("one", "two"))
+    assert one.keys() == two.keys() and one["grad_norm"] > 0.05 and one["tool"] != 0  # clipped; both channels
+    torch.testing.assert_close(two, one, **TOLERANCE)
+    assert_same_weights(tmp_path / "two" / "checkpoint-000001", tmp_path / "one" / "checkpoint-000001")
+
+
+def test_hdpo_under_torchrun_logs_each_step_once_and_resumes_in_one_process(toy: Path, tmp_path: Path) -> None:
+    """`torchrun -m curate train hdpo`: the ranks' rollouts (sampled by each rank's unsharded copy) reduced to one
+    log line a step, written once; its checkpoint resumed by a one-process run."""
+    prompts = tmp_path / "prompts.parquet"
+    get_format("verl").write(toy_prompts(("copy", "hash"), range(1, 5)), prompts)
+    args = ["train", "hdpo", str(prompts), "--model", str(toy), "-o", str(tmp_path / "out"), "--prompts", "4",
+            "-G", "2", "--max-new-tokens", "8", "--max-turns", "1", "--max-tokens", "100", "--sandbox-workers", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "curate"]
+    result = subprocess.run([*torchrun, *args, "--steps", "1"], capture_output=True, text=True, cwd=REPO, env=ENV,
+                            check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curate(*args, "--steps", "2")
+    log = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert all(0 <= entry["accuracy"] <= 1 and entry["grad_norm"] >= 0 for entry in log)
+    assert torch.load(tmp_path / "out" / "checkpoint-000002" / "optimizer.pt")["step"] == 2
+
+
+@needs_vllm
+def test_hdpo_with_one_vllm_engine_per_rank(toy: Path, tmp_path: Path) -> None:
+    """`--generation vllm --nproc 2`: each rank's engine a data-parallel replica in vLLM's torchrun mode, synced
+    with the gathered weights; ranks whose rollouts finish first keep stepping their engine until all have."""
+    prompts = tmp_path / "prompts.parquet"
+    get_format("verl").write(toy_prompts(("copy", "hash"), range(1, 5)), prompts)
+    curate("train", "hdpo", str(prompts), "--model", str(toy), "-o", str(tmp_path / "out"), "--prompts", "4", "-G", "2",
+           "--max-new-tokens", "8", "--max-turns", "2", "--max-tokens", "100", "--sandbox-workers", "1", "--steps", "2",
+           "--device", VLLM_DEVICE, "--generation", "vllm", "--vllm-memory", "0.2", nproc=2)
+    log = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert (tmp_path / "out" / "checkpoint-000002" / "model.safetensors").exists()
+
+
+def test_prompts_that_do_not_split_over_the_processes_are_one_line(toy: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.parquet"
+    get_format("verl").write(toy_prompts(("copy",), range(1, 5)), prompts)
+    result = subprocess.run([sys.executable, "-m", "curate", "train", "hdpo", str(prompts), "--model", str(toy), "-o",
+                             str(tmp_path / "out"), "--prompts", "3", "--steps", "1", "--nproc", "2"],
+                            capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith("stopped on the error above; the other processes were stopped")
+    assert "--prompts: 3 do not split evenly over 2 processes: use a multiple of 2" in result.stderr
+
+
+def worker_with_rank(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's child process that runs as `rank` (from its environment)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environment = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environment:
+            return int(entry.name)
+    return None
+
+
+def test_a_rank_that_dies_ends_the_run_with_one_line(toy: Path, sft_shard: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "curate", "train", "sft", str(sft_shard), "--model", str(toy),
+                                "-o", str(out), "--batch-size", "1", "--max-tokens", "64", "--epochs", "1000",
+                                "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "sft_log.jsonl").exists() and time.monotonic() < deadline:  # training, mid-run
+            time.sleep(0.2)
+        victim = worker_with_rank(process.pid, 1)
+        assert victim is not None, "no rank 1 worker found"
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)  # never a hang: the launcher stops the other rank
+    finally:
+        process.kill()
+    assert process.returncode == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "error: process 1 of 2 was killed by SIGKILL (rerun the same command to resume from the last checkpoint); "
+        "the other processes were stopped")
