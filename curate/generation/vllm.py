@@ -18,7 +18,7 @@ from curate.generation.hf import load_processor
 from curate.models import resolve_model
 from curate.vllm_engine import import_vllm, platform_args, start_engine, stop_engine
 
-FALLBACK = "use backend 'transformers' (the --local profiles do)"
+FALLBACK = "use backend 'transformers'"
 
 
 def build_requests(prompts: Sequence[Prompt], render: Callable[[Prompt], str], vision: bool) -> list[dict[str, Any]]:
