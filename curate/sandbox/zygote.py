@@ -140,9 +140,11 @@ def read_only(path: str, recursive: bool = True) -> None:
 
 
 def python_homes() -> list[str]:
-    """The python installation the worker and its children import from, outermost folders only."""
+    """The python installation the worker and its children import from (with every folder on its path, which a
+    `.pth` file may add from elsewhere), outermost folders only."""
     interpreter_home = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
-    homes = sorted({os.path.realpath(home) for home in (sys.prefix, sys.base_prefix, interpreter_home)})
+    folders = [sys.prefix, sys.base_prefix, interpreter_home, *(path for path in sys.path if os.path.isdir(path))]
+    homes = sorted({os.path.realpath(folder) for folder in folders} - {"/", *PRIVATE_TMPFS})
     return [home for home in homes if not any(home.startswith(other + "/") for other in homes)]
 
 
