@@ -80,9 +80,10 @@ def warm_imports() -> None:
 
 
 def private_mounts(tmp_mb: int) -> None:
-    """The namespace level: this process gets mount and network namespaces of its own (and a user namespace
-    first when it is not root), makes every mount read-only and nosuid, and puts private tmpfs over the
-    folders everybody may write. Any failure stops the worker: it never runs code half isolated."""
+    """The namespace level: this process gets mount, network and pid namespaces of its own (and a user namespace
+    first when it is not root), makes every mount read-only and nosuid, puts private tmpfs over the folders
+    everybody may write, and carries on as pid 1 with a /proc of its own. Any failure stops the worker: it never
+    runs code half isolated."""
     if os.getuid() != 0:  # the user namespace lends the rights to make the others; the uid stays ours
         uid, gid = os.getuid(), os.getgid()
         check(libc.unshare(CLONE_NEWUSER), "a user namespace")
