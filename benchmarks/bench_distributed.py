@@ -60,15 +60,15 @@ def worker(kind: str, model: str, data: str, out: str, count: int) -> None:
     if kind == "sft":
         from curate.train.sft import SFTConfig, train_sft
 
-        train_sft(SFTConfig(model, [Path(data)], Path(out), epochs=1, lr=1e-4, batch_size=4, grad_accum=count,
-                            max_tokens=64, device="cpu"))
+        train_sft(SFTConfig(model=model, shards=[Path(data)], out=Path(out), epochs=1, lr=1e-4, batch_size=4,
+                            grad_accum=count, max_tokens=64, device="cpu"))
     else:
         from curate.train.hdpo import HDPOConfig, train_hdpo
         from curate.train.toy_runs import MAX_NEW_TOKENS, MAX_TOKENS, MAX_TURNS
 
-        train_hdpo(HDPOConfig(model, [Path(data)], Path(out), steps=count, prompts_per_step=8, rollouts=4, lr=1e-4,
-                              max_turns=MAX_TURNS, max_new_tokens=MAX_NEW_TOKENS, max_tokens=MAX_TOKENS, device="cpu",
-                              sandbox_workers=1))
+        train_hdpo(HDPOConfig(model=model, shards=[Path(data)], out=Path(out), steps=count, prompts_per_step=8,
+                              rollouts=4, lr=1e-4, max_turns=MAX_TURNS, max_new_tokens=MAX_NEW_TOKENS,
+                              max_tokens=MAX_TOKENS, device="cpu", sandbox_workers=1))
     rank = os.environ.get("RANK", "0")
     (Path(out) / f"memory-{rank}.json").write_text(json.dumps({"baseline_mib": baseline, "peak_mib": peak_rss_mib()}))
 

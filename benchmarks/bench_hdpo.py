@@ -53,14 +53,14 @@ def main() -> None:
     adv_acc = grpo_advantages(correct.float())
     adv_tool = tool_advantages(torch.where(correct, 1.0 / (calls + 1), 0.0))
     optimizer = torch.optim.AdamW(loaded.net.parameters(), lr=1e-6)
-    config = HDPOConfig(args.model, [Path(".")], Path("."))
+    config = HDPOConfig(model=args.model, shards=[Path(".")], out=Path("."))
 
     def bare() -> None:
         loaded.net.zero_grad()
         (token_logprobs(loaded.net, batch) * batch["loss_mask"][:, 1:]).sum().backward()
 
     def hdpo() -> None:
-        update(loaded, optimizer, batch_rollouts, adv_acc, adv_tool, config)
+        update(loaded, optimizer, batch_rollouts, {"acc": adv_acc, "tool": adv_tool}, config)
 
     timings: dict[str, list[float]] = {"bare": [], "hdpo": []}
     for step in (bare, hdpo):  # warm up both

@@ -27,11 +27,11 @@ from gemini_server import GeminiServer
 from curate.cache import Cache
 from curate.generation import Prompt
 from curate.sample import Message, TextPart
-from judges.backend import JudgeRequest
-from judges.gemini import GeminiBackend
-from judges.runner import JudgeRunner
-from judges.stage import load_rubric
-from judges.strategic_tool import StrategicScores
+from curate.judges.backend import JudgeRequest
+from curate.judges.gemini import GeminiBackend
+from curate.judges.runner import JudgeRunner
+from curate.judges.stage import load_rubric
+from curate.judges.strategic_tool import StrategicScores
 
 VERDICT = json.dumps({"visual_relevance": 4, "reasoning_coherence": 4, "tool_rationale": 4, "justification": "ok"})
 

@@ -25,11 +25,11 @@ from bench_judge import requests, start_server
 from gemini_server import GeminiBatchServer
 
 from curate.cache import Cache
-from judges.backend import BatchBackend
-from judges.batch import BatchRunner
-from judges.gemini import GeminiBackend
-from judges.runner import JudgeRunner
-from judges.stage import load_rubric
+from curate.judges.backend import BatchBackend
+from curate.judges.batch import BatchRunner
+from curate.judges.gemini import GeminiBackend
+from curate.judges.runner import JudgeRunner
+from curate.judges.stage import load_rubric
 
 
 class Timed:

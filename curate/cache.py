@@ -17,7 +17,6 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +61,6 @@ class Cache:
             "INSERT OR REPLACE INTO results (key, value, created) VALUES (?, ?, ?)",
             (key, json.dumps(value, ensure_ascii=False), time.time()),
         )
-
-    def get_or_compute(self, key: str, compute: Callable[[], Any]) -> Any:
-        """The cached value, or compute it, store it and return it."""
-        value = self.get(key)
-        if value is None:
-            value = compute()
-            self.put(key, value)
-        return value
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]

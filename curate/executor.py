@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -25,7 +25,8 @@ from tqdm import tqdm
 from curate import storage
 from curate.cache import DEFAULT_CACHE_PATH
 from curate.errors import UserError
-from curate.formats import Format, MalformedRow, count_records, get_format, raw_text, records, sniff_format
+from curate.formats import (Format, MalformedRow, count_records, get_format, input_files, raw_text, records,
+                            sniff_format)
 from curate.recipe import Recipe, StageSpec
 from curate.rundir import Rejection, RunDir, RunState, StageStats, fingerprint
 from curate.sample import Sample, content_id
@@ -35,7 +36,40 @@ READ_STAGE = "read"
 
 
 class StageError(RuntimeError):
-    """A stage raised; the batch is not committed, so rerunning resumes before it."""
+    """What either executor raises for any exception a stage raised on a batch: the batch is not committed, so
+    rerunning the same command resumes before it. `one_line`: the cause says all there is to say (a
+    UserError: a budget reached, an API still failing after its retries); else it is a bug worth its traceback."""
+
+    def __init__(self, message: str, one_line: bool = False) -> None:
+        super().__init__(message, one_line)  # both in args: the error travels pickled from Ray workers
+
+    @property
+    def one_line(self) -> bool:
+        return bool(self.args[1])
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def with_resume_hint(self, run_dir: str) -> StageError:
+        hinted = StageError(f"{self}; committed batches are kept in {run_dir}: run the same command again to resume",
+                            self.one_line)
+        hinted.__cause__ = self.__cause__
+        return hinted
+
+
+def stage_error(label: str, chunk: list[Sample], exc: BaseException) -> StageError:
+    """`exc`, raised by stage `label` on `chunk`, as the executors report it."""
+    if isinstance(exc, StageError):
+        return exc
+    if isinstance(exc, UserError):
+        error = StageError(f"stage {label!r} stopped: {exc}", one_line=True)
+    elif chunk:
+        ids = ", ".join(sample.id for sample in chunk[:5]) + (" ..." if len(chunk) > 5 else "")
+        error = StageError(f"stage {label!r} failed on a batch of {len(chunk)} rows ({ids}): {exc!r}")
+    else:
+        error = StageError(f"stage {label!r} failed: {exc!r}")
+    error.__cause__ = exc
+    return error
 
 
 @dataclass(frozen=True)
@@ -60,6 +94,30 @@ class BatchResult:
 
 
 Row = tuple[int, int, Any]  # (source index, row index in that file, raw record)
+
+
+def record_bytes(record: Any) -> int:
+    """About how many bytes a raw record holds: its strings and bytes, counted through dicts and lists."""
+    if isinstance(record, str | bytes | bytearray):
+        return len(record)
+    if isinstance(record, dict):
+        return sum(record_bytes(value) for value in record.values())
+    if isinstance(record, list | tuple):
+        return sum(record_bytes(value) for value in record)
+    return 8
+
+
+def take_batch(rows: Iterator[Row], max_rows: int, max_bytes: int) -> list[Row]:
+    """The next batch: up to `max_rows` rows, fewer when their raw size reaches `max_bytes` (never none while
+    rows are left), so that a batch of very large rows holds about `max_bytes`, not `max_rows` times a row."""
+    batch: list[Row] = []
+    size = 0
+    for row in rows:
+        batch.append(row)
+        size += record_bytes(row[2])
+        if len(batch) >= max_rows or size >= max_bytes:
+            break
+    return batch
 
 
 # --- pure functions shared by the driver and the workers --------------------
@@ -100,13 +158,10 @@ def apply_stages(stages: list[tuple[str, Stage]], samples: list[Sample]) -> Batc
             chunk = samples[offset : offset + stage.batch_size]
             try:
                 verdicts = stage.process(chunk)
-            except UserError:
-                raise  # a stop the user can act on (e.g. a judge budget reached): its own one-line message
+                if len(verdicts) != len(chunk):
+                    raise RuntimeError(f"stage {label!r} returned {len(verdicts)} verdicts for {len(chunk)} samples")
             except Exception as exc:
-                ids = ", ".join(sample.id for sample in chunk[:5]) + (" ..." if len(chunk) > 5 else "")
-                raise StageError(f"stage {label!r} failed on a batch of {len(chunk)} rows ({ids}): {exc!r}") from exc
-            if len(verdicts) != len(chunk):
-                raise RuntimeError(f"stage {label!r} returned {len(verdicts)} verdicts for {len(chunk)} samples")
+                raise stage_error(label, chunk, exc) from exc
             for sample, verdict in zip(chunk, verdicts):
                 if verdict.keep:
                     survivors.append(sample)
@@ -200,6 +255,8 @@ class Executor:
     order (so `rows_done` is a prefix of the input and a killed run resumes right after it), finalise.
     Subclasses say where the stages run, in `_results`."""
 
+    on_open: Callable[[], None] | None = None  # called once the run directory is opened (a checked run dir)
+
     def __init__(self, recipe: Recipe, run_dir: str | Path, workers: int = 1, cache_path: Path = DEFAULT_CACHE_PATH,
                  progress: bool = True) -> None:
         self.recipe = recipe
@@ -215,8 +272,11 @@ class Executor:
     def run(self, force: bool = False) -> dict[str, Any]:
         for spec in self.recipe.stages:  # e.g. no working sandbox: stop before the run directory is touched
             spec.build().preflight()
-        inputs = fingerprint(source.path for source in self.sources)
+        # Every file each input resolves to (globs were expanded by the recipe; a registration names its files).
+        inputs = fingerprint(file for source in self.sources for file in input_files(source.path))
         state = self.run_dir.open(self.recipe.sha256, self.recipe.resolved, inputs, force)
+        if self.on_open is not None:  # e.g. the CLI's log, which may go into the run directory only now
+            self.on_open()
         if self.run_dir.is_complete():
             return self.run_dir.manifest()
         if state.rows_done:
@@ -234,11 +294,14 @@ class Executor:
                     bars[label].update(stats.rows_in)
                 state.stage_states.update(result.stage_states)
                 self.run_dir.commit_batch(state, result.kept, result.rejected, rows)
+        except StageError as exc:
+            raise exc.with_resume_hint(self.run_dir.location) from exc.__cause__
         finally:
             results.close()  # tears the stages down even when a commit failed
             for bar in bars.values():
                 bar.close()
-        return self.run_dir.finalize(state, self.recipe.output_kind, self.recipe.shard_rows)
+        settings = {spec.label: spec.build().settings() for spec in self.recipe.stages}
+        return self.run_dir.finalize(state, self.recipe.output_kind, self.recipe.shard_rows, settings)
 
     def _results(self, state: RunState) -> Generator[tuple[BatchResult, int], None, None]:
         """Each batch's result with the number of input rows it covers, in input order, from `state.rows_done` on."""
@@ -318,7 +381,7 @@ class LocalExecutor(Executor):
         in_flight: list[tuple[Future[BatchResult], int]] = []
         while True:
             while len(in_flight) < 2 * self.workers:
-                batch = list(islice(rows, self.recipe.batch_size))
+                batch = take_batch(rows, self.recipe.batch_size, self.recipe.batch_bytes)
                 if not batch:
                     break
                 future = pool.submit(_worker_read_and_filter, self.sources, batch, first_in_workers, prepared_next(0))

@@ -12,12 +12,12 @@ import sys
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from curate.cache import Cache
-from curate.generation import (BackendSpec, Generator, Prompt, SamplingParams, generate_cached, installed_vllm,
-                               make_generator)
+from curate.generation import (BACKENDS, BackendSpec, Generator, LazyGenerator, Prompt, SamplingParams,
+                               generate_cached, installed_vllm)
 from curate.sample import Message, Sample, TextPart
 from curate.stage import Resources, Stage, StageContext, StageOptions
 from curate.verify import AnswerVerifier, Verification, extract_answer
@@ -41,12 +41,16 @@ class ProbeOptions(StageOptions):
     instruction: str = Field(default="Put the final answer in <answer></answer>.",
                              description="text appended to the question")
 
+    _plugin_backends = field_validator("backend", "fallback_backend", mode="wrap")(BACKENDS.plugin_names_too())
+
 
 class ProbeStage(Stage):
-    """Loads the model once, in the driver process (`heavy`); declares a GPU for vLLM and network I/O for a server."""
+    """Loads the model once, in the driver process (`heavy`), at the first answer the cache lacks; declares a GPU for
+    vLLM and network I/O for a server."""
 
     Options = ProbeOptions
     batch_size = 64
+    backend_classes = BACKENDS  # backend_options are checked against these constructors at recipe load
 
     @property
     def resources(self) -> Resources:  # type: ignore[override]
@@ -69,7 +73,7 @@ class ProbeStage(Stage):
             tqdm.write(f"{self.name}: no vLLM is installed; it runs its fallback backend, {spec.backend}",
                        file=sys.stderr)
         self.cache = Cache(context.cache_path)
-        self.generator: Generator = make_generator(spec)
+        self.generator: Generator = LazyGenerator(spec)  # built at the first answer the cache lacks
         self.verify = AnswerVerifier()
 
     def teardown(self) -> None:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import traceback
 import warnings
 from collections.abc import Generator, Iterator
@@ -41,17 +42,27 @@ from curate.executor import (
     parse_rows,
     run_segment,
     segments,
+    stage_error,
+    take_batch,
 )
 from curate.formats import count_records, records
 from curate.recipe import Recipe, StageSpec
 from curate.rundir import RunState
 from curate.stage import Stage, StageContext
 
-# Environment the stages read in the workers (keys, model and cache folders, where third-party stages are
-# imported from); a cluster started elsewhere does not have the driver's environment, so it travels in the
-# job's runtime_env.
+# Settings the stages read in the workers (endpoints, regions, model and cache folders, where third-party stages
+# are imported from); a cluster started elsewhere does not have the driver's environment, so they travel in the
+# job's runtime_env. Secrets never do: Ray shows a job's runtime_env on its dashboard and in its job records.
+# The workers read API keys and cloud credentials from their own environment (the cluster's configuration).
 FORWARDED_ENV_PREFIXES = ("CURATE_", "GEMINI_", "GOOGLE_", "OPENAI_", "HF_", "TRANSFORMERS_", "VLLM_", "PYTHONPATH",
                           "AWS_", "FSSPEC_")
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|SESSION|AUTH", re.IGNORECASE)
+
+
+def forwarded_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The driver's variables a job's workers get: the stages' settings, without any that looks like a secret."""
+    return {name: value for name, value in environment.items()
+            if name.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_NAME.search(name)}
 
 
 def import_ray() -> Any:
@@ -60,7 +71,7 @@ def import_ray() -> Any:
         import ray.data  # Ray Data is the part of Ray this executor needs
     except ImportError as exc:
         raise UserError(
-            "--executor ray needs Ray Data: pip install 'curate[ray]' (or pip install 'ray[data]')"
+            "--executor ray needs Ray Data: pip install 'curate-tooluse[ray]' (or pip install 'ray[data]')"
         ) from exc
     return ray
 
@@ -97,17 +108,20 @@ def failure(exc: Exception) -> Failure:
     return Failure(exc, "".join(traceback.format_exception(exc.__cause__ or exc)))
 
 
-def read_batches(source_index: int, source: SourceReader, skip: int, batch_rows: int) -> Iterator[pa.Table]:
-    """The file's rows from `skip` on, in batches (a generator, so Ray streams a large file block by block)."""
-    rows = islice(enumerate(records(source.path)), skip, None)
+def read_batches(source_index: int, source: SourceReader, skip: int, batch_rows: int,
+                 batch_bytes: int = 64 << 20) -> Iterator[pa.Table]:
+    """The file's rows from `skip` on, in batches of at most `batch_rows` rows and about `batch_bytes` (a
+    generator, so Ray streams a large file block by block)."""
+    numbered = islice(enumerate(records(source.path)), skip, None)
+    rows = ((source_index, row_index, record) for row_index, record in numbered)
     try:
-        while batch := [(source_index, row_index, record) for row_index, record in islice(rows, batch_rows)]:
+        while batch := take_batch(rows, batch_rows, batch_bytes):
             yield envelope(len(batch), batch)
     except UserError as exc:  # an unreadable file: its one-line message, after the rows before it
         yield envelope(0, failure(exc))
 
 
-def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int) -> Any:
+def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int, batch_bytes: int = 64 << 20) -> Any:
     """A Ray Data source with one read task per input file, skipping the first `skip` rows of the input;
     None when every row is committed already. The files are counted once, here."""
     from ray.data import Datasource, ReadTask
@@ -125,7 +139,8 @@ def input_datasource(sources: list[SourceReader], batch_rows: int, skip: int) ->
         batches = None if count is None else math.ceil((count - to_skip) / batch_rows)
         metadata = BlockMetadata(num_rows=batches, size_bytes=storage.size(source.path), input_files=[source.path],
                                  exec_stats=None)
-        tasks.append(ReadTask(lambda i=index, s=source, k=to_skip: read_batches(i, s, k, batch_rows), metadata))
+        tasks.append(ReadTask(lambda i=index, s=source, k=to_skip: read_batches(i, s, k, batch_rows, batch_bytes),
+                              metadata))
         to_skip = 0
     if not tasks:
         return None
@@ -161,7 +176,9 @@ class Segment:
                 if states and label in states:
                     self.stages[label].load_state_dict(states[label])
         except UserError as exc:  # e.g. a missing API key: reported with the first batch, as one line
-            self.setup_failure = failure(exc)
+            self.setup_failure = failure(UserError(
+                f"on a Ray worker ({os.uname().nodename}): {exc}; the cluster's workers read secrets from their own "
+                "environment, never from the job's: set it where the cluster is started"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         return {"rows": list(batch["rows"]), "payload": [pickle.dumps(self.advance(pickle.loads(p)))
@@ -175,8 +192,10 @@ class Segment:
         try:
             before: BatchResult = parse_rows(self.sources, carried) if self.sources is not None else carried
             return run_segment(self.stages, self.labels, before.kept, self.prepare, before)
-        except (StageError, UserError) as exc:
+        except (StageError, UserError) as exc:  # a stage's exception (as the local executor has it), a reader's stop
             return failure(exc)
+        except Exception as exc:  # a reader's or a preparation's: the same type, so the driver reports it alike
+            return failure(stage_error(self.labels[0] if self.labels else "read", [], exc))
 
     def teardown(self) -> None:
         while self.set_up:
@@ -257,7 +276,7 @@ class RayExecutor(Executor):
         ray = import_ray()
         started_here = not ray.is_initialized()
         if started_here:
-            env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+            env = forwarded_environment(dict(os.environ))
             ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING,
                      runtime_env={"env_vars": env} if env else None)
         try:
@@ -271,7 +290,7 @@ class RayExecutor(Executor):
         context.execution_options.preserve_order = True  # commits must follow the input order
         context.enable_progress_bars = False  # the funnel's bars, updated at each commit, say the same
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        reads = input_datasource(self.sources, self.recipe.batch_size, state.rows_done)
+        reads = input_datasource(self.sources, self.recipe.batch_size, state.rows_done, self.recipe.batch_bytes)
         if reads is None:
             return
         dataset = ray.data.read_datasource(reads)

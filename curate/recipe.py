@@ -9,6 +9,7 @@
       - image_dedup: {max_distance: 4}
     output: {kind: sft, shard_rows: 5000}
     batch_size: 256
+    batch_mb: 64                       # and at most this much raw input per batch (large rows make small batches)
     profiles:
       local:                           # chosen with --local; merged over the recipe
         stages: {image_dedup: {max_distance: 2}}
@@ -19,8 +20,14 @@ Relative input paths resolve against the recipe file's folder. Any fsspec URL wo
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -30,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate import storage
 from curate.errors import UserError
-from curate.formats import format_names
+from curate.formats import FORMATS
 from curate.formats.spec import InlineSpec
 from curate.registry import get_stage_class, suggest
 from curate.stage import Stage, StageOptions
@@ -38,14 +45,17 @@ from curate.stage import Stage, StageOptions
 
 class InputFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str
-    format: str | dict[str, Any] = "auto"  # a name, or {inline: {...}} (validated by `_format_name`)
+    path: str = Field(description="a path (relative to the recipe's folder) or an fsspec URL; globs are expanded")
+    # A name, or {inline: {...}} (validated by `_format_name`).
+    format: str | dict[str, Any] = Field(default="auto", description="this file's reader: a format name, auto "
+                                                                     "(sniffed), or {inline: {spec}}")
 
 
 class InputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    paths: list[str | InputFile] = Field(min_length=1)
-    format: str | dict[str, Any] = "auto"
+    paths: list[str | InputFile] = Field(min_length=1, description="input files: a path or URL, or {path, format}")
+    format: str | dict[str, Any] = Field(default="auto", description="the reader of plain paths: a format name, "
+                                                                     "auto (sniffed per file), or {inline: {spec}}")
 
 
 class FormatSpec(BaseModel):
@@ -57,19 +67,23 @@ class FormatSpec(BaseModel):
 
 class OutputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["sft", "rl"]
-    shard_rows: int = Field(default=5000, gt=0)
+    kind: Literal["sft", "rl"] = Field(description="sft: HF messages parquet; rl: verl / Metis-RL parquet")
+    shard_rows: int = Field(default=5000, gt=0, description="rows per output shard")
 
 
 class RecipeModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = ""
-    description: str = ""
-    input: InputSpec
-    stages: list[dict[str, dict[str, Any] | None]] = Field(min_length=1)
-    output: OutputSpec
-    batch_size: int = Field(default=256, gt=0)
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    name: str = Field(default="", description="the run's name (default: the file's stem); runs/<name> by default")
+    description: str = Field(default="", description="free text")
+    input: InputSpec = Field(description="what to read")
+    stages: list[dict[str, dict[str, Any] | None]] = Field(
+        min_length=1, description="ordered `{stage name: {options}}` entries; each sees what the previous kept")
+    output: OutputSpec = Field(description="what to write")
+    batch_size: int = Field(default=256, gt=0, description="rows per committed batch (the unit of resume)")
+    batch_mb: float = Field(default=64.0, gt=0, description="most raw input per batch (MiB); at least one row")
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> overrides merged over the recipe by --profile NAME (--local: "
+                                          "`local`); a profile's `stages` maps stage names to option overrides")
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,7 @@ class Recipe:
     shard_rows: int
     batch_size: int
     resolved: dict[str, Any]  # the validated recipe after profile and overrides; hashed for resume checks
+    batch_bytes: int = 64 << 20
 
     @property
     def sha256(self) -> str:
@@ -126,7 +141,9 @@ def load_recipe(
     inputs = tuple(source for entry in model.input.paths
                    for source in _input_sources(entry, model.input.format, path_base, path))
     stages = _stage_specs(model.stages, path)
-    resolved = model.model_dump(exclude={"profiles"})
+    # Batch boundaries do not change any row's outcome (a resume re-batches after the last commit), so the byte
+    # budget, like the worker count, stays out of the recipe's hash.
+    resolved = model.model_dump(exclude={"profiles", "batch_mb"})
     resolved["input"] = [{"path": s.path, "format": s.format} for s in inputs]
     resolved["stages"] = [{s.name: s.options.model_dump(mode="json")} for s in stages]
     return Recipe(
@@ -137,6 +154,7 @@ def load_recipe(
         shard_rows=model.output.shard_rows,
         batch_size=model.batch_size,
         resolved=resolved,
+        batch_bytes=int(model.batch_mb * 2**20),
     )
 
 
@@ -197,8 +215,8 @@ def _format_name(fmt: str | dict[str, Any], where: str) -> str:
     """A format name as the executors take it: a registered name, auto, or an inline spec as `inline:{json}`."""
     if isinstance(fmt, dict):
         return _validate(FormatSpec, fmt, where).inline.as_name()
-    if fmt != "auto" and fmt not in format_names():
-        raise UserError(f"unknown format {fmt!r}{suggest(fmt, format_names())}; choose one of: {', '.join(format_names())}")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise FORMATS.unknown(fmt)
     return fmt
 
 
@@ -210,17 +228,62 @@ def _stage_specs(entries: list[dict[str, dict[str, Any] | None]], path: Path) ->
             raise UserError(f"{path}: stage {position} must be a single `name: {{options}}` mapping, got {list(entry)}")
         name, options = next(iter(entry.items()))
         cls = get_stage_class(name)
-        validated = _validate(cls.Options, options or {}, f"{path}: stage {name!r}")
+        # A stage option naming files (an evaluation set) resolves relative paths against the recipe's folder.
+        validated = _validate(cls.Options, options or {}, f"{path}: stage {name!r}",
+                              context={"recipe_dir": Path(path).resolve().parent})
+        _check_backend_options(cls, validated, f"{path}: stage {name!r}")
         seen[name] = seen.get(name, 0) + 1
         label = name if seen[name] == 1 else f"{name}#{seen[name]}"
         specs.append(StageSpec(label, name, cls, validated))
     return tuple(specs)
 
 
-def _validate(model: type[BaseModel], data: Any, where: str) -> Any:
+# (backend field, its options field) of stages that hand a mapping of options to a backend class's constructor.
+_BACKEND_FIELDS = (("backend", "backend_options"), ("fallback_backend", "fallback_options"))
+
+
+def _check_backend_options(cls: type[Stage], options: StageOptions, where: str) -> None:
+    """`backend_options` and `fallback_options` name keywords of the chosen backend's constructor: a stage that
+    declares its backends (`backend_classes`: name -> "module:Class") has them checked here, not when it starts."""
+    registry: Mapping[str, str] = getattr(cls, "backend_classes", {})
+    for backend_field, options_field in _BACKEND_FIELDS:
+        backend, given = getattr(options, backend_field, None), getattr(options, options_field, None)
+        if backend not in registry or not given:
+            continue
+        accepted = backend_keywords(registry[backend])
+        if accepted is None:  # the constructor takes **options: any name may be right
+            continue
+        for key in given:
+            if key not in accepted:
+                raise UserError(f"{where}: unknown option '{options_field}.{key}' for backend {backend!r}"
+                                f"{suggest(str(key), accepted)}; valid options: {', '.join(accepted) or 'none'}")
+
+
+@functools.cache
+def backend_keywords(target: str) -> list[str] | None:
+    """The keywords `module:Class`'s constructor takes after the model, read from its source (importing a backend
+    can cost seconds: torch, a provider's SDK); None when it takes any (`**options`)."""
+    module_name, class_name = target.split(":")
+    spec = importlib.util.find_spec(module_name)
+    source = Path(spec.origin).read_text() if spec and spec.origin else ""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            init = next((f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None)
+            if init is not None:
+                if init.args.kwarg is not None:
+                    return None
+                names = [a.arg for a in (*init.args.posonlyargs, *init.args.args, *init.args.kwonlyargs)]
+                return [n for n in names if n not in ("self", "model")]
+    constructor = inspect.signature(getattr(importlib.import_module(module_name), class_name))
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in constructor.parameters.values()):
+        return None
+    return [n for n in constructor.parameters if n != "model"]
+
+
+def _validate(model: type[BaseModel], data: Any, where: str, context: dict[str, Any] | None = None) -> Any:
     """Validate with pydantic, turning its first error into a one-line message with a suggestion."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         errors = exc.errors()
         error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])  # a misspelt key explains a missing one

@@ -65,8 +65,8 @@ class StageStats:
         self.reasons.update(other.reasons)
         self.seconds += other.seconds
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
+    def to_manifest(self, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        entry = {
             "name": self.name,
             "in": self.rows_in,
             "kept": self.kept,
@@ -74,6 +74,7 @@ class StageStats:
             "reasons": dict(self.reasons.most_common()),
             "seconds": round(self.seconds, 3),
         }
+        return {**entry, "settings": settings} if settings else entry
 
 
 @dataclass
@@ -150,8 +151,8 @@ class RunDir:
              force: bool) -> RunState:
         """Start a run here, or resume the one that is here; `force` discards whatever is here."""
         with storage.errors(self.location):
-            if force and self.fs.exists(self.root):
-                self.fs.rm(self.root, recursive=True)
+            if force:
+                self.discard()
             previous_sha = self.load_state_or_manifest_sha()
             if previous_sha is None and self._entries(self.root):
                 raise UserError(f"{self.location} exists and is not a curate run directory; choose another -o RUN_DIR")
@@ -163,8 +164,9 @@ class RunDir:
             state = self.load_state()
             if state is None:  # a run stopped before its first batch must still resume here
                 state = RunState(recipe_sha256, inputs=inputs)
+                self._write_state(state)  # first, so that whatever this run writes is in a recognisable run dir
+            if not self.fs.exists(self._at("recipe.yaml")):
                 self.fs.pipe_file(self._at("recipe.yaml"), yaml.safe_dump(resolved_recipe, sort_keys=False).encode())
-                self._write_state(state)
             if state.inputs != inputs:
                 raise UserError(
                     f"{self.location}: the input files changed since this run started; resuming would mix two"
@@ -172,6 +174,54 @@ class RunDir:
                 )
             self._drop_uncommitted(state)
         return state
+
+    def discard(self) -> None:
+        """`--force`: delete this run directory's own objects. A location that is not a recognisable curate run
+        directory (its manifest or a state object), that holds anything curate does not write, or that is `/`,
+        the home or working directory (or above them) or a bucket's root is refused whole, before any deletion."""
+        refuse_protected(self.location, self.fs, self.root)
+        if not self.fs.exists(self.root):
+            return
+        if self.fs.isfile(self.root):
+            raise UserError(f"{self.location} is a file, not a run directory; --force deletes only curate run"
+                            " directories: choose another -o RUN_DIR")
+        files = sorted(self.fs.find(self.root))
+        if not files:
+            return
+        if self._read_manifest() is None and self.load_state() is None:
+            raise UserError(f"{self.location} is not a curate run directory (no manifest.json, no state object);"
+                            " --force deletes only curate run directories: choose another -o RUN_DIR")
+        relative = [self._relative(path) for path in files]
+        foreign = [name for name in relative if not _OWN_FILE.fullmatch(name)]
+        if foreign:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise UserError(f"{self.location} holds {foreign[0]}{more}, which curate did not write; --force deletes"
+                            " only a run directory's own files: move it away, or choose another -o RUN_DIR")
+        for path in files:
+            self._remove_file(path)
+        if self.fs.exists(self._at("scratch")):  # every file under it was just deleted: only empty folders remain
+            self.fs.rm(self._at("scratch"), recursive=True)
+        self._remove_empty_folders()
+
+    def _relative(self, path: str) -> str:
+        return path.rstrip("/")[len(self.root.rstrip("/")) + 1:]
+
+    def _remove_file(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def _remove_empty_folders(self) -> None:
+        """The folders curate makes, deepest first, each only when empty; then the run directory itself."""
+        for folder in (*_OWN_FOLDERS, ""):
+            target = self._at(folder) if folder else self.root
+            if self._entries(target):
+                continue
+            try:
+                self.fs.rmdir(target)
+            except (FileNotFoundError, NotADirectoryError, OSError):
+                pass  # an object store has no folders; a local one still holds something
 
     def load_state_or_manifest_sha(self) -> str | None:
         manifest = self._read_manifest()
@@ -243,7 +293,7 @@ class RunDir:
         path = self._at("state", f"state-{state.batches_done:06d}.pkl")
         self.fs.pipe_file(path, seal(state))
         if state.batches_done:
-            self._remove(self._at("state", f"state-{state.batches_done - 1:06d}.pkl"))
+            self._remove_file(self._at("state", f"state-{state.batches_done - 1:06d}.pkl"))
 
     def _drop_uncommitted(self, state: RunState) -> None:
         """Delete what no committed state names: parts of a batch whose state was never written, stale states."""
@@ -251,22 +301,30 @@ class RunDir:
         current = f"state-{state.batches_done:06d}.pkl"
         for folder in (self.kept_parts, self.rejected_parts):
             for path in self._entries(folder):
-                if path.rsplit("/", 1)[-1] not in named:
-                    self._remove(path)
+                name = path.rsplit("/", 1)[-1]
+                if _PART_NAME.fullmatch(name) and name not in named:  # anything else is not ours to delete
+                    self._remove_file(path)
         for path in self._state_files():
             if path.rsplit("/", 1)[-1] != current:
-                self._remove(path)
+                self._remove_file(path)
 
-    def _remove(self, path: str) -> None:
-        try:
-            self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
+    def _remove_own(self, folder: str, pattern: re.Pattern[str]) -> None:
+        """The files of `folder` named as curate names them, then the folder when that left it empty."""
+        for path in self._entries(folder):
+            if pattern.fullmatch(path.rsplit("/", 1)[-1]):
+                self._remove_file(path)
+        if not self._entries(folder):
+            try:
+                self.fs.rmdir(folder)
+            except (FileNotFoundError, NotADirectoryError, OSError):
+                pass
 
     # --- finalising --------------------------------------------------------
 
-    def finalize(self, state: RunState, output_kind: str, shard_rows: int) -> dict[str, Any]:
-        """Compact parts into kept/ and rejected/ shards, check the accounting, write the manifest last."""
+    def finalize(self, state: RunState, output_kind: str, shard_rows: int,
+                 settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Compact parts into kept/ and rejected/ shards, check the accounting, write the manifest last.
+        `settings` (by stage label) is what each stage says about how it read its options."""
         with storage.errors(self.location):
             outputs = self._write_shards("kept", lambda folder: self._write_kept_shards(state, folder, output_kind,
                                                                                          shard_rows))
@@ -280,7 +338,7 @@ class RunDir:
                 "input_rows": input_rows,
                 "kept_rows": kept_rows,
                 "rejected_rows": rejected_rows,
-                "stages": [s.to_manifest() for s in stages],
+                "stages": [s.to_manifest((settings or {}).get(s.name)) for s in stages],
                 "recipe_sha256": state.recipe_sha256,
                 "output_kind": output_kind,
                 "output_format": OUTPUT_FORMAT[output_kind],
@@ -291,15 +349,15 @@ class RunDir:
             check_accounting(manifest)
             self.fs.pipe_file(self.manifest_file, json.dumps(manifest, indent=2).encode())
             # The shards now hold every row; the parts would only double the space used.
-            self._remove(self.kept_parts)
-            self._remove(self.rejected_parts)
+            self._remove_own(self.kept_parts, _PART_NAME)
+            self._remove_own(self.rejected_parts, _PART_NAME)
         return manifest
 
     def _write_shards(self, name: str, fill: Callable[[Path], list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """Shards written by `fill` into a local folder: the run's own when it is local, else a temporary one
         whose files are then uploaded. Whatever an earlier, killed finalise left there is replaced."""
         target = self._at(name)
-        self._remove(target)
+        self._remove_own(target, _SHARD_NAME)
         if isinstance(self.fs, LocalFileSystem):
             folder = Path(target)
             folder.mkdir(parents=True)
@@ -358,6 +416,32 @@ class RunDir:
 
 
 _STATE_NAME = re.compile(r"state-\d{6}\.pkl")
+_PART_NAME = re.compile(r"part-\d{6}-[0-9a-f]{8}\.parquet")
+_SHARD_NAME = re.compile(r"shard-\d+\.parquet")
+# Every file curate writes into a run directory (relative paths); `--force` deletes these and nothing else.
+_OWN_FILE = re.compile(
+    r"recipe\.yaml|manifest\.json|state/state-\d{6}\.pkl|state/(kept|rejected)/part-\d{6}-[0-9a-f]{8}\.parquet"
+    r"|(kept|rejected)/shard-\d+\.parquet|logs/curate(\.\d+)?\.log|scratch/.+"
+)
+# Its folders, deepest first; scratch/ is the stages' own working folder (storage.local_scratch).
+_OWN_FOLDERS = ("state/kept", "state/rejected", "state", "kept", "rejected", "logs", "scratch")
+
+
+def refuse_protected(location: str, fs: Any, root: str) -> None:
+    """`--force` never deletes `/`, the home or working directory or a folder above them, or a bucket's root."""
+    if isinstance(fs, LocalFileSystem):
+        target = Path(root).resolve()
+        protected = ((Path.cwd().resolve(), "the working directory"), (Path.home().resolve(), "the home directory"))
+        for place, what in protected:
+            if target == place or target in place.parents:
+                raise UserError(f"{location} is {what} or a folder above it; --force never deletes it:"
+                                " choose another -o RUN_DIR")
+        if target == Path(target.anchor):
+            raise UserError(f"{location} is the filesystem's root; --force never deletes it: choose another -o RUN_DIR")
+        return
+    if "/" not in root.strip("/"):
+        raise UserError(f"{location} is a bucket's root; --force never deletes one: name a folder inside it"
+                        " as -o RUN_DIR")
 
 
 def check_accounting(manifest: dict[str, Any]) -> None:

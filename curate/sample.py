@@ -85,6 +85,10 @@ class Sample:
     images: list[Image] = field(default_factory=list)
     answer: str | list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # What only the run needs, handed from stage to stage with the sample (e.g. the sandbox's execution record,
+    # printed text and all, that consistency reuses after execution_failure). No writer writes it: shards hold
+    # the data and the stages' annotations in `meta`, never a run's working memory.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def question(self) -> str:

@@ -72,6 +72,8 @@ class Stage:
     # A stateful stage sees every row, in input order, in one process (e.g. a
     # dedup index); it saves its state with each committed batch.
     stateful: ClassVar[bool] = False
+    # Every rejection reason the stage can give -> one line saying what it means (the reference docs list them).
+    reasons: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: StageOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -81,6 +83,11 @@ class Stage:
 
     def teardown(self) -> None:
         """Release what `setup` took."""
+
+    def settings(self) -> dict[str, Any]:
+        """How this stage reads its options, for the run's manifest (its entry's `settings`): e.g. which of two
+        readings of a paper's criterion it applies. Computed from the options alone, on an instance never set up."""
+        return {}
 
     def preflight(self) -> None:
         """Stop the run before any row (a UserError saying what to do) when this machine cannot run the stage.
@@ -112,6 +119,14 @@ class Stage:
         """Whether the executor may fan this stage out over worker processes."""
         resources = self.resources
         return not (self.stateful or resources.gpus or resources.io or resources.heavy)
+
+    @classmethod
+    def default_placement(cls) -> str:
+        """"workers" or "driver", with the default options (for listings). A stage with required options (an
+        evaluation set to name) is built from unvalidated defaults: what it must be told does not move it."""
+        required = any(info.is_required() for info in cls.Options.model_fields.values())
+        stage = cls(cls.Options.model_construct()) if required else cls()
+        return "workers" if stage.runs_in_workers() else "driver"
 
 
 def as_verdict(result: bool | Verdict, stage_name: str) -> Verdict:

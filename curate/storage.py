@@ -137,6 +137,14 @@ def local_scratch(run_dir: Location) -> Path:
     return Path(os.environ.get("TMPDIR", "/tmp")) / "curate-scratch" / digest
 
 
+def local_log(run_dir: Location) -> Path:
+    """Where a run's log is written: RUN_DIR/logs/curate.log for a local run directory, else a local file (copied
+    to RUN_DIR/logs/curate.log when the run ends), so that it can be read while the run goes on."""
+    if is_local(run_dir):
+        return Path(str(run_dir).removeprefix("file://")) / "logs" / "curate.log"
+    return local_scratch(run_dir).with_name(f"{local_scratch(run_dir).name}-curate.log")
+
+
 # --- one line per failure -------------------------------------------------------------
 
 

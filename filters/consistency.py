@@ -5,10 +5,11 @@ from __future__ import annotations
 import imagehash
 from pydantic import Field
 
+from curate.images import image_hash
 from curate.sample import Sample
 from curate.sandbox import SandboxOptions
 from curate.sandbox.compare import recorded_stdout, same_output, short_diff
-from curate.sandbox.trajectory import SandboxStage, code_calls, image_hash
+from curate.sandbox.trajectory import SandboxStage, code_calls
 from curate.stage import KEEP, Verdict, reject
 
 
@@ -24,6 +25,11 @@ class Consistency(SandboxStage):
     """
 
     name = "consistency"
+    reasons = {
+        "inconsistent_output": "the recorded text is not what the code prints (the detail is a short diff)",
+        "inconsistent_image": "recorded vs produced images differ by perceptual hash, or in count",
+        "not_executed": "the code never got to the call (an earlier call failed or timed out)",
+    }
 
     class Options(SandboxOptions):
         rel_tol: float = Field(default=1e-6, ge=0, description="relative tolerance for numbers")

@@ -14,12 +14,23 @@ class ExecutionFailure(SandboxStage):
     outside its scratch directory), `timeout` (wall-clock or CPU time limit), `limit_exceeded` (memory,
     processes and threads, file size, printed text, image bytes, a decompression-bomb image), `bad_output` (a
     saved image that is a link out of the scratch directory), `bad_input` (an input image cannot be opened as
-    `image_N`), `sandbox_crash`. The detail names the
+    `image_N`), `sandbox_crash` (the worker died twice), `sandbox_unresponsive` (two workers in turn did not answer
+    within `timeout` + `worker_grace` and were killed and replaced). The detail names the
     call and its message, the error, and the last lines of the traceback. Non-code tools (search) are left
     alone and listed in `meta.execution_failure.other_tools`.
     """
 
     name = "execution_failure"
+    reasons = {
+        "syntax_error": "a code call cannot be parsed",
+        "code_error": "a code call raises (e.g. on a write outside its scratch directory)",
+        "timeout": "the wall-clock `timeout` or the `cpu_seconds` limit",
+        "limit_exceeded": "memory, processes and threads, file size, printed text, image bytes or a bomb image",
+        "bad_output": "a saved image that is a link out of the scratch directory",
+        "bad_input": "an input image cannot be opened as `image_N`",
+        "sandbox_crash": "the sandbox worker died on this trajectory twice (replaced both times)",
+        "sandbox_unresponsive": "the sandbox worker missed its deadline twice (killed and replaced both times)",
+    }
 
     def process(self, batch: list[Sample]) -> list[Verdict]:
         records = self.executed(batch)
@@ -60,4 +71,5 @@ def _error_reason(error: str) -> str:
 def _status_reason(status: str, detail: str) -> str:
     if status == "timeout" or "SIGXCPU" in detail:
         return "timeout"
-    return {"killed": "limit_exceeded", "setup_failed": "bad_input"}.get(status, "sandbox_crash")
+    return {"killed": "limit_exceeded", "setup_failed": "bad_input",
+            "unresponsive": "sandbox_unresponsive"}.get(status, "sandbox_crash")

@@ -6,9 +6,9 @@ import re
 
 from pydantic import Field, field_validator
 
+from curate.images import missing_image
 from curate.sample import ROLES, Message, Sample
 from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
-from filters.image_integrity import missing_image
 
 
 class FormatCheck(Stage):
@@ -33,6 +33,17 @@ class FormatCheck(Stage):
     """
 
     name = "format"
+    reasons = {
+        "empty_question": "no user turn with text",
+        "bad_roles": "an unknown role, a misplaced system turn, a turn before the first user turn, or a stray "
+                     "tool turn",
+        "bad_tool_call": "a tool call with an empty name or arguments that are not a dict",
+        "unanswered_tool_call": "a call without an observation before the next non-tool turn or the end",
+        "orphan_observation": "a tool turn that answers no pending call",
+        "missing_image": "a message shows an image index the sample lacks",
+        "no_final_answer": "the last turn is not a final assistant answer, or misses `answer_pattern`",
+        "no_ground_truth": "with `require_assistant: false`: the prompt has no answer",
+    }
     batch_size = 256
 
     class Options(StageOptions):

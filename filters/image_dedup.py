@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any, Literal
 
-import imagehash
-from PIL import Image as PILImage
 from pydantic import Field, ValidationInfo, field_validator
 
 from curate.hashindex import HashIndex
+from curate.images import perceptual_hash
 from curate.sample import Sample
 from curate.stage import KEEP, Stage, StageContext, StageOptions, Verdict, reject
-from filters.image_integrity import strict_decoding
-
-HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash, "whash": imagehash.whash}
-
 
 class ImageDedup(Stage):
     """Rejects a sample with an image within `max_distance` bits of an image of an earlier kept sample.
@@ -31,6 +25,7 @@ class ImageDedup(Stage):
     """
 
     name = "image_dedup"
+    reasons = {"duplicate_image": "an image within `max_distance` bits of an image of an earlier kept sample"}
     stateful = True
     batch_size = 256
 
@@ -97,12 +92,7 @@ class ImageDedup(Stage):
         return [self._hash(image.data) for image in sample.images]
 
     def _hash(self, data: bytes) -> str | None:
-        """The perceptual hash in hex; None for an image that does not decode (image_integrity's concern)."""
-        try:
-            with strict_decoding(), PILImage.open(io.BytesIO(data)) as image:
-                return str(HASHES[self.options.hash](image, hash_size=self.options.hash_size))
-        except Exception:  # noqa: BLE001 - Pillow raises a zoo of types on broken files; only images that decode count
-            return None
+        return perceptual_hash(data, self.options.hash, self.options.hash_size)
 
     def state_dict(self) -> dict[str, Any]:
         return self.index.state_dict()

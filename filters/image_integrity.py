@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import io
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from PIL import Image as PILImage
-from PIL import ImageFile
 from pydantic import Field
 
+from curate.images import missing_image, strict_decoding
 from curate.sample import Sample
 from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
-
-
-@contextmanager
-def strict_decoding() -> Iterator[None]:
-    """Decode strictly whatever the process has set: a cut-off file raises instead of being padded with grey
-    (`ImageFile.LOAD_TRUNCATED_IMAGES`, which some libraries switch on), and Pillow's decompression-bomb
-    warning raises like its error. Both are restored on exit."""
-    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated
-
-
-def missing_image(sample: Sample) -> Verdict | None:
-    """A `missing_image` rejection when a message shows an image index the sample does not have."""
-    for message_index, message in enumerate(sample.messages):
-        for index in message.image_indices:
-            if not 0 <= index < len(sample.images):
-                return reject("missing_image", f"message {message_index} shows image {index}; "
-                                               f"the sample has {len(sample.images)}")
-    return None
 
 
 class ImageIntegrity(Stage):
@@ -54,6 +26,16 @@ class ImageIntegrity(Stage):
     """
 
     name = "image_integrity"
+    reasons = {
+        "empty_image": "an image of 0 bytes",
+        "unreadable_image": "no format Pillow reads, or a decoder error",
+        "truncated_image": "the data ends before the pixels do",
+        "decompression_bomb": "Pillow's decompression-bomb guard tripped (read from the header, never decoded)",
+        "image_too_large": "more than `max_pixels` pixels",
+        "image_too_small": "a side shorter than `min_side`",
+        "bad_aspect_ratio": "long side / short side above `max_aspect_ratio`",
+        "missing_image": "a message shows an image index the sample lacks",
+    }
     batch_size = 64
 
     class Options(StageOptions):

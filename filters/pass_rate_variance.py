@@ -20,6 +20,11 @@ class PassRateVariance(ProbeStage):
     """
 
     name = "pass_rate_variance"
+    reasons = {
+        "too_hard": "the pass rate over G rollouts is below `low` (or at it, unless `low_inclusive`)",
+        "too_easy": "the pass rate over G rollouts is above `high` (or at it, unless `high_inclusive`)",
+        "no_ground_truth": "the prompt has no answer to check rollouts against",
+    }
 
     class Options(ProbeOptions):
         rollouts: int = Field(default=16, gt=0, description="G: rollouts per prompt")

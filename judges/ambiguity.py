@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from curate.generation import Prompt
 from curate.sample import Message, Part, Sample, TextPart
-from judges.stage import JudgeStage
+from curate.judges.stage import JudgeStage
 
 
 class AmbiguityScores(BaseModel):
@@ -25,7 +25,13 @@ class AmbiguityJudge(JudgeStage):
     name = "ambiguity_judge"
     default_rubric = "ambiguity"
     Scores = AmbiguityScores
-    reasons: ClassVar[dict[str, str]] = {"clarity": "ambiguous", "answer_consistency": "inconsistent_ground_truth"}
+    dimension_reasons: ClassVar[dict[str, str]] = {
+        "clarity": "ambiguous", "answer_consistency": "inconsistent_ground_truth"}
+    reasons: ClassVar[dict[str, str]] = {
+        "ambiguous": "`clarity` under its threshold: the image and text admit more than one answer",
+        "inconsistent_ground_truth": "`answer_consistency` under its threshold: the ground truth is not that answer",
+        "judge_error": "the judge never delivered a valid verdict (after the retries), never a low score",
+    }
 
     def render(self, sample: Sample) -> Prompt:
         parts: list[Part] = [TextPart("## Question\n")]

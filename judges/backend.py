@@ -1,7 +1,8 @@
 """What every judge backend implements: one structured request in, one reply out, a single attempt.
 
-Backends only talk to their model and classify failures; retries, rate limits, the budget, parsing and
-the cache belong to `judges.runner.JudgeRunner`, so each backend stays a thin adapter.
+Backends only talk to their model and classify failures (`curate.retry.TransientError` for what a retry
+may fix); retries, rate limits, the budget, parsing and
+the cache belong to `curate.judges.runner.JudgeRunner`, so each backend stays a thin adapter.
 """
 
 from __future__ import annotations
@@ -31,21 +32,13 @@ class JudgeReply:
     output_tokens: int
 
 
-class RetryableError(Exception):
-    """A failure worth retrying (rate limit, server error, timeout); `retry_after` in seconds if the server said."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class JudgeBackend(Protocol):
     name: str  # backend name, part of the cache key
     model: str
     settings: dict[str, Any]  # backend options that change answers (part of the cache key too)
 
     async def complete(self, request: JudgeRequest) -> JudgeReply:
-        """One attempt. Raises RetryableError for transient failures; anything else is fatal."""
+        """One attempt. Raises TransientError for transient failures; anything else is fatal."""
         ...
 
     async def aclose(self) -> None: ...
@@ -66,7 +59,7 @@ def json_schema(schema: type[BaseModel]) -> dict[str, Any]:
 
 class BatchBackend(JudgeBackend, Protocol):
     """A backend with a batch API (`mode: batch`): jobs of many requests, each named by its cache key,
-    answered later at a lower price. Errors where retrying may help are RetryableError, as online."""
+    answered later at a lower price. Errors where retrying may help are TransientError, as online."""
 
     def submit_batch(self, display_name: str, entries: list[tuple[str, JudgeRequest]]) -> str:
         """Create a job of (key, request) entries under `display_name`; the job's name."""

@@ -11,8 +11,10 @@ and the cache keys it holds. A run killed at any point resumes without submittin
 cached verdicts come from the cache; the rest go out as one job (per call: a stage's batch) and are polled
 with backoff under a progress bar; results are matched by key, parsed and cached exactly as online.
 A request that failed, had no result or answered something that is not the schema goes into a later job,
-up to `retries` times; then it is a `JudgeFailure` (the stage's `judge_error`). A job that fails, expires
-or is cancelled is resubmitted once; a second such job stops the run with one line.
+up to `retries` times. Then, if its last job answered it (not the schema), it is a `JudgeFailure` (the
+stage's `judge_error`, cached); if it never got an answer, the run stops with `TransientFailure` once the
+other keys' verdicts are cached, and a rerun submits only what is missing (`curate.retry`'s policy). A job
+that fails, expires or is cancelled is resubmitted once; a second such job stops the run the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from tqdm import tqdm
 
 from curate.cache import Cache
 from curate.errors import UserError
-from judges.backend import BatchBackend, JudgeReply, JudgeRequest, RetryableError
-from judges.limits import Budget
-from judges.runner import JudgeFailure, JudgeRunner, parse_verdict
+from curate.retry import TransientFailure, retry
+from curate.judges.backend import BatchBackend, JudgeReply, JudgeRequest
+from curate.judges.limits import Budget
+from curate.judges.runner import JudgeFailure, JudgeRunner, parse_verdict
 
 FINISHED_BADLY = {"failed", "cancelled", "expired"}
 
@@ -113,6 +116,7 @@ class BatchRunner:
             else:
                 todo[key] = request
         tries: dict[str, list[str]] = {key: [] for key in todo}  # what went wrong with each key, per round
+        unanswered: list[str] = []
         while todo:
             results, finished = self._round(todo)
             for key in list(todo):
@@ -124,10 +128,16 @@ class BatchRunner:
                     continue
                 tries[key].append(problem)
                 if len(tries[key]) > self.retries:
-                    outcomes[key] = self._failure(key, tries[key], answered=not isinstance(results.get(key), str | None))
+                    if isinstance(results.get(key), JudgeReply):  # answered, and not the schema: a verdict of sorts
+                        outcomes[key] = self._failure(key, tries[key])
+                    else:
+                        unanswered.append(key)
                     del todo[key]
             for job in finished:  # only now: a kill before the verdicts were cached re-attaches to the job
                 self.jobs.remove(job)
+        if unanswered:  # never a verdict: the batch stays uncommitted, and a rerun asks again for these only
+            raise TransientFailure(f"{self.backend.name} batch: {len(unanswered)} request(s) had no answer after "
+                                   f"{self.retries + 1} batch attempts: {' | '.join(tries[unanswered[0]])}")
         return [outcomes[key] for key in keys]
 
     # --- one round: the jobs that hold these keys, waited on ----------------------------------------------------
@@ -212,22 +222,15 @@ class BatchRunner:
     def _resubmit(self, job: Job, state: str, todo: dict[str, JudgeRequest]) -> Job | None:
         if job.attempt >= 1:
             self.jobs.remove(job)
-            raise UserError(f"{self.backend.name} batch job {job.name} ended {state} after a resubmission; the verdicts "
-                            "so far are cached: run the same command again to resubmit what is left, or use mode: online")
+            raise TransientFailure(f"{self.backend.name} batch job {job.name} ended {state} after a resubmission; the "
+                                   "verdicts so far are cached: run the same command again to resubmit what is left, "
+                                   "or use mode: online")
         self.jobs.remove(job)
         return self._submit([(key, todo[key]) for key in job.keys if key in todo], attempt=1)
 
     def _call(self, call):  # type: ignore[no-untyped-def]
-        """A Batch API call, retried with backoff on transient errors as the online runner does."""
-        policy = self.online.retry
-        for attempt in range(policy.max_retries + 1):
-            try:
-                return call()
-            except RetryableError as error:
-                if attempt == policy.max_retries:
-                    raise UserError(f"{self.backend.name} batch API: gave up after {attempt + 1} attempts: {error}") from None
-                time.sleep(error.retry_after if error.retry_after is not None else policy.backoff * 2 ** attempt)
-        raise AssertionError("unreachable")
+        """A Batch API call, retried on transient errors with the online runner's policy."""
+        return retry(call, self.online.retry, f"{self.backend.name} batch API")
 
     # --- outcomes -------------------------------------------------------------------------------------------------
 
@@ -240,10 +243,9 @@ class BatchRunner:
         verdict = parse_verdict(result.text, request.schema)
         return verdict, "" if verdict is not None else f"not a {request.schema.__name__}: {result.text[:120]}"
 
-    def _failure(self, key: str, problems: list[str], answered: bool) -> JudgeFailure:
-        """After the retries: cached when the last answer was paid for and not the schema (it would come back
-        the same), not cached when there was no answer (a rerun tries again)."""
+    def _failure(self, key: str, problems: list[str]) -> JudgeFailure:
+        """After the retries, when the last answer was paid for and not the schema: cached (it would come back
+        the same)."""
         failure = JudgeFailure(f"{len(problems)} batch attempts: {' | '.join(problems)}")
-        if answered:
-            self.cache.put(key, {"failure": failure.message})
+        self.cache.put(key, {"failure": failure.message})
         return failure

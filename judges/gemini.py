@@ -2,8 +2,8 @@
 
 One `complete` call is one `generateContent` request: the rubric as the system instruction, the prompt's
 text and images (inline) as one user turn, the verdict's JSON schema as the response schema. The client's
-own retries are off, since `judges.runner.JudgeRunner` retries; rate limits, server errors, timeouts and
-connection failures become `RetryableError` (with the server's retry delay where it gave one).
+own retries are off, since `curate.judges.runner.JudgeRunner` retries (`curate.retry`'s policy); rate limits, server
+errors, timeouts and connection failures become `TransientError` (with the server's retry delay where it gave one).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 from google import genai
@@ -21,8 +22,9 @@ from google.genai import errors, types
 
 from curate.errors import UserError
 from curate.generation import Prompt
+from curate.retry import TransientError, masked, retry_after_seconds
 from curate.sample import TextPart
-from judges.backend import JudgeReply, JudgeRequest, RetryableError, json_schema
+from curate.judges.backend import JudgeReply, JudgeRequest, json_schema
 
 KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 INLINE_LIMIT = 19_000_000  # bytes of inline batch requests; the API takes about 20 MB, a file beyond
@@ -59,7 +61,12 @@ class GeminiBackend:
         self._key = key.strip()
         options = types.HttpOptions(base_url=base_url, timeout=int(timeout * 1000),
                                     retry_options=types.HttpRetryOptions(attempts=1))
-        self._client = genai.Client(api_key=self._key, http_options=options)
+        self._http_options = options
+
+    @cached_property
+    def _client(self) -> genai.Client:
+        """Made at the first request the cache lacks (the key is checked above, at set-up)."""
+        return genai.Client(api_key=self._key, http_options=self._http_options)
 
     def __repr__(self) -> str:
         return f"GeminiBackend(model={self.model!r})"
@@ -71,7 +78,7 @@ class GeminiBackend:
         except errors.APIError as error:
             raise self._classify(error) from None
         except (*TRANSPORT_ERRORS, json.JSONDecodeError) as error:  # no answer, or a body that is not JSON
-            raise RetryableError(self._line(f"gemini {self.model}: {type(error).__name__}: {error}")) from None
+            raise TransientError(self._line(f"gemini {self.model}: {type(error).__name__}: {error}")) from None
         return _reply(response)
 
     # --- the Batch API (`mode: batch`): the same requests at half the price, answered within 24 hours --------
@@ -120,15 +127,17 @@ class GeminiBackend:
 
     @contextmanager
     def _errors_as_lines(self) -> Iterator[None]:
-        """Errors of the Batch API as one line: RetryableError where retrying may help, as online."""
+        """Errors of the Batch API as one line: TransientError where retrying may help, as online."""
         try:
             yield
         except errors.APIError as error:
             raise self._classify(error) from None
         except TRANSPORT_ERRORS as error:
-            raise RetryableError(self._line(f"gemini {self.model}: {type(error).__name__}: {error}")) from None
+            raise TransientError(self._line(f"gemini {self.model}: {type(error).__name__}: {error}")) from None
 
     async def aclose(self) -> None:
+        if "_client" not in self.__dict__:  # never made: nothing to close
+            return
         await self._client.aio.aclose()
         self._client.close()  # the Batch API's calls go through the synchronous client
 
@@ -136,12 +145,12 @@ class GeminiBackend:
         """429 and 5xx are worth retrying; any other status is a mistake that retrying cannot fix."""
         message = self._line(f"gemini {self.model}: HTTP {error.code} {error.status or ''}: {error.message or ''}")
         if error.code == 429 or error.code >= 500:
-            return RetryableError(message, retry_after=_retry_after(error))
+            return TransientError(message, retry_after=_retry_after(error))
         return RuntimeError(message)
 
     def _line(self, text: str) -> str:
         """One line, with the key redacted should a server or library ever echo it."""
-        return " ".join(text.split()).replace(self._key, "***")
+        return masked(text, self._key)
 
 
 def _content_and_config(request: JudgeRequest) -> tuple[list[types.Content], types.GenerateContentConfig]:
@@ -200,10 +209,8 @@ def _retry_after(error: errors.APIError) -> float | None:
     """Seconds to wait: the `Retry-After` header, else the `google.rpc.RetryInfo` delay in the error body."""
     headers = getattr(error.response, "headers", None) or {}
     for value in (headers.get("retry-after"), *_retry_delays(error.details)):
-        try:
-            return float(value.removesuffix("s"))
-        except (AttributeError, ValueError):  # absent, or an HTTP date
-            continue
+        if (seconds := retry_after_seconds(value)) is not None:
+            return seconds
     return None
 
 

@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 from curate.generation import Prompt, render_chat
 from curate.generation.hf import cache_keyword, load_model
 from curate.sample import Message, TextPart
-from judges.backend import JudgeReply, JudgeRequest
+from curate.judges.backend import JudgeReply, JudgeRequest
 
 ELISION = "\n[...]\n"
 
@@ -41,8 +41,8 @@ class LocalJudge:
         self.string_tokens = string_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.settings = {"string_tokens": string_tokens, "max_prompt_tokens": max_prompt_tokens}
-        loaded = load_model(model, device)
-        self.net, self.tokenizer, self.device = loaded.net.eval(), loaded.tokenizer, loaded.device
+        self._device = device
+        self.net: Any = None  # loaded at the first request the cache lacks: a cached run loads no model
         self._lock = threading.Lock()  # one batch at a time on the one model
         self._rubric: tuple[str, _Decoder] | None = None  # the last rubric and a decoder that has read it
         self._waiting: list[tuple[JudgeRequest, asyncio.Future[JudgeReply]]] = []
@@ -56,7 +56,12 @@ class LocalJudge:
         return await future
 
     async def aclose(self) -> None:
-        del self.net
+        self.net = None
+
+    def _load(self) -> None:
+        if self.net is None:
+            loaded = load_model(self.model, self._device)
+            self.net, self.tokenizer, self.device = loaded.net.eval(), loaded.tokenizer, loaded.device
 
     async def _flush(self) -> None:
         batch, self._waiting = self._waiting, []
@@ -75,6 +80,7 @@ class LocalJudge:
             groups.setdefault((request.system, request.schema), []).append(index)
         replies: list[JudgeReply | None] = [None] * len(requests)
         with self._lock, torch.inference_mode():
+            self._load()
             for indices in groups.values():
                 for index, reply in zip(indices, self._decode([requests[i] for i in indices]), strict=True):
                     replies[index] = reply

@@ -1,4 +1,5 @@
-"""Judge backend for any OpenAI-compatible chat-completions server (vLLM `serve`, SGLang, hosted APIs).
+"""Judge backend for any OpenAI-compatible chat-completions server (vLLM `serve`, SGLang, hosted APIs), through
+the project's one client of such servers (`curate.generation.openai.ChatClient`).
 
 Asks for JSON-schema output (`response_format: json_schema`); a server that rejects that with a 400 is asked
 again without it, the schema then described in the system prompt, and the runner's parser digs the JSON out
@@ -11,10 +12,8 @@ import asyncio
 import json
 from typing import Any
 
-import requests
-
-from curate.generation.openai import chat_endpoint, retry_after_seconds
-from judges.backend import JudgeReply, JudgeRequest, RetryableError, json_schema
+from curate.generation.openai import ChatClient, ChatRejected
+from curate.judges.backend import JudgeReply, JudgeRequest, json_schema
 
 
 class OpenAIJudge:
@@ -24,8 +23,8 @@ class OpenAIJudge:
     def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0) -> None:
         self.model = model
-        self.url, self._session, _ = chat_endpoint(base_url, api_key_env)
-        self.timeout = timeout
+        self.client = ChatClient(base_url, api_key_env, timeout)
+        self.url = self.client.url
         self.structured = True  # until the server says it cannot do json_schema
 
     def __repr__(self) -> str:
@@ -35,30 +34,19 @@ class OpenAIJudge:
         return await asyncio.to_thread(self._complete, request)
 
     async def aclose(self) -> None:
-        self._session.close()
+        self.client.close()
 
     def _complete(self, request: JudgeRequest) -> JudgeReply:
-        response = self._post(self._body(request))
-        if response.status_code == 400 and self.structured and "response_format" in response.text:
+        try:
+            completion = self.client.post(self._body(request))
+        except ChatRejected as error:
+            if not (error.status == 400 and self.structured and "response_format" in error.text):
+                raise
             self.structured = False
-            response = self._post(self._body(request))
-        if response.status_code == 429 or response.status_code >= 500:
-            raise RetryableError(f"HTTP {response.status_code}: {response.text[:200]}", retry_after_seconds(response))
-        if not response.ok:
-            raise RuntimeError(f"POST {self.url} failed: HTTP {response.status_code}: {' '.join(response.text[:200].split())}")
-        try:
-            body = response.json()
-            text = body["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise RetryableError(f"not a chat completion: {response.text[:200]}") from None
-        usage = body.get("usage") or {}
+            completion = self.client.post(self._body(request))
+        text = completion["choices"][0].get("message", {}).get("content") or ""
+        usage = completion.get("usage") or {}
         return JudgeReply(text, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
-
-    def _post(self, body: dict[str, Any]) -> requests.Response:
-        try:
-            return self._session.post(self.url, json=body, timeout=self.timeout)
-        except (requests.ConnectionError, requests.Timeout) as error:
-            raise RetryableError(f"{type(error).__name__}: {error}") from None
 
     def _body(self, request: JudgeRequest) -> dict[str, Any]:
         schema = json_schema(request.schema)

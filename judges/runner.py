@@ -3,17 +3,18 @@ retries with backoff, and parsing into the verdict schema.
 
 Outcomes per request:
 - a parsed verdict (an instance of the request's schema), from the cache or the model;
-- a `JudgeFailure`: the model kept answering something that is not the schema (after `parse_retries`
-  extra attempts; cached, since those answers were paid for and would come back the same), or transient
-  errors outlasted `max_retries` (not cached: nothing was paid, a rerun tries again).
-A budget stop raises `BudgetExhausted` once the requests in flight have finished and been cached.
+- a `JudgeFailure` (the stage's `judge_error`): answers were received and none is the schema after
+  `parse_retries` extra attempts; it quotes them, and it is cached, since they were paid for and would
+  come back the same.
+Transient errors that outlast the retry policy (`curate.retry`) are never an outcome: `run` raises
+`TransientFailure` once the requests in flight have finished and been cached, so the batch is not
+committed and a rerun pays only for what is missing. A budget stop raises `BudgetExhausted` the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from curate.cache import Cache, cache_key
-from judges.backend import JudgeBackend, JudgeReply, JudgeRequest, RetryableError, json_schema
-from judges.limits import Budget, RateLimiter
+from curate.retry import RetryPolicy, aretry
+from curate.judges.backend import JudgeBackend, JudgeReply, JudgeRequest, json_schema
+from curate.judges.limits import Budget, RateLimiter
 
 
 @dataclass(frozen=True)
@@ -30,24 +32,18 @@ class JudgeFailure:
     message: str
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_retries: int = 5  # transient errors (429, 5xx, timeouts)
-    parse_retries: int = 2  # answers that are not the schema
-    backoff: float = 1.0  # seconds, doubled per attempt, plus up to as much again of jitter
-
-
 class JudgeRunner:
     def __init__(self, backend: JudgeBackend, cache: Cache, rubric_id: str, concurrency: int = 8,
                  limiter: RateLimiter | None = None, budget: Budget | None = None,
-                 retry: RetryPolicy = RetryPolicy()) -> None:
+                 retry: RetryPolicy = RetryPolicy(), parse_retries: int = 2) -> None:
         self.backend = backend
         self.cache = cache
         self.rubric_id = rubric_id  # name@version and digest of the rubric text: part of every cache key
         self.concurrency = concurrency
         self.limiter = limiter or RateLimiter()
         self.budget = budget or Budget()
-        self.retry = retry
+        self.retry = retry  # transient errors (429, 5xx, timeouts)
+        self.parse_retries = parse_retries  # answers that are not the schema
         self.requests = 0  # HTTP requests / generations really made, retries included
         # One loop for the runner's life: async clients keep connections bound to the loop that opened them.
         self._loop = asyncio.new_event_loop()
@@ -81,10 +77,8 @@ class JudgeRunner:
         if cached is not None:
             return JudgeFailure(cached["failure"]) if "failure" in cached else request.schema.model_validate(cached)
         answers: list[str] = []
-        for _ in range(self.retry.parse_retries + 1):
+        for _ in range(self.parse_retries + 1):
             reply = await self._complete(request)
-            if isinstance(reply, JudgeFailure):
-                return reply
             verdict = parse_verdict(reply.text, request.schema)
             if verdict is not None:
                 self.cache.put(key, verdict.model_dump())
@@ -95,25 +89,19 @@ class JudgeRunner:
         self.cache.put(key, {"failure": failure.message})
         return failure
 
-    async def _complete(self, request: JudgeRequest) -> JudgeReply | JudgeFailure:
-        """One answer, retrying transient failures with backoff (honouring the server's Retry-After)."""
-        error: RetryableError | None = None
-        for attempt in range(self.retry.max_retries + 1):
-            if attempt:
-                wait = error.retry_after if error and error.retry_after is not None else self.retry.backoff * 2 ** (attempt - 1)
-                await asyncio.sleep(wait + random.uniform(0, self.retry.backoff))
+    async def _complete(self, request: JudgeRequest) -> JudgeReply:
+        """One answer, retrying transient failures as the policy says; TransientFailure when they persist."""
+
+        async def attempt() -> JudgeReply:
             self.budget.check()
             await self.limiter.acquire(estimate_tokens(request))
             self.budget.requests += 1
             self.requests += 1
-            try:
-                reply = await self.backend.complete(request)
-            except RetryableError as exc:
-                error = exc
-                continue
+            reply = await self.backend.complete(request)
             self.budget.charge(reply.input_tokens, reply.output_tokens)
             return reply
-        return JudgeFailure(f"gave up after {self.retry.max_retries + 1} attempts: {error}")
+
+        return await aretry(attempt, self.retry, f"{self.backend.name} {self.backend.model}")
 
 
 def request_key(backend: str, model: str, settings: dict[str, Any], rubric_id: str, request: JudgeRequest) -> str:

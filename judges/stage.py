@@ -3,32 +3,34 @@
 A judge stage turns each sample into one request (the rubric as system instruction, the sample as text
 and images), gets back a verdict of its schema (integer scores from 1 to 5 per dimension plus a
 justification), and keeps the sample when every score meets its threshold. Scores and justification go
-to `meta[stage]` for kept and rejected samples alike; a verdict the model never delivered is
-`judge_error`, never a low score.
+to `meta[stage]` for kept and rejected samples alike. Answers that are not a verdict (after the parse retries)
+are `judge_error`, never a low score; a judge that could not be reached is no verdict at all: the run stops
+on it (`curate.retry`) and resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from curate.cache import Cache
 from curate.errors import UserError
 from curate.estimate import StageCost
 from curate.generation import Prompt
+from curate.registry import Registry
+from curate.retry import RetryPolicy
 from curate.sample import Sample
 from curate.stage import KEEP, Resources, Stage, StageContext, StageOptions, Verdict, reject
-from judges.backend import JudgeBackend, JudgeRequest
-from judges.batch import BatchRunner
-from judges.bounds import PromptBounds, bound_sample
-from judges.limits import Budget, RateLimiter
-from judges.runner import JudgeFailure, JudgeRunner, RetryPolicy, estimate_tokens, request_key
+from curate.judges.backend import JudgeBackend, JudgeRequest
+from curate.judges.batch import BatchRunner
+from curate.judges.bounds import PromptBounds, bound_sample
+from curate.judges.limits import Budget, RateLimiter
+from curate.judges.runner import JudgeFailure, JudgeRunner, estimate_tokens, request_key
 
 RUBRICS = Path(__file__).parent / "rubrics"
 # Gemini 3.1 Pro takes 1M tokens; 128k keeps a request within most judges' context and its cost bounded,
@@ -36,8 +38,11 @@ RUBRICS = Path(__file__).parent / "rubrics"
 DEFAULT_MAX_PROMPT_TOKENS = 131_072
 DEFAULT_MAX_IMAGES = 16
 PAID_BACKENDS = ("gemini", "openai")
-BACKENDS = {"gemini": "judges.gemini:GeminiBackend", "openai": "judges.openai_chat:OpenAIJudge",
-            "transformers": "judges.local:LocalJudge"}
+BACKENDS: Registry[JudgeBackend] = Registry("judge backend", {
+    "gemini": "curate.judges.gemini:GeminiBackend",
+    "openai": "curate.judges.openai_chat:OpenAIJudge",
+    "transformers": "curate.judges.local:LocalJudge",
+}, "curate.judge_backends")
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,7 @@ def load_rubric(source: str) -> Rubric:
 
 
 def make_backend(backend: str, model: str, options: dict[str, Any]) -> JudgeBackend:
-    module_name, class_name = BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(model, **options)
+    return BACKENDS.load(backend)(model, **options)
 
 
 class JudgeOptions(StageOptions):
@@ -103,11 +107,12 @@ class JudgeOptions(StageOptions):
     expected_output_tokens: int | None = Field(default=None, gt=0,
                                                description="for `curate estimate`: output tokens per request (default max_tokens)")
 
+    _plugin_backends = field_validator("backend", mode="wrap")(BACKENDS.plugin_names_too())
+
 
 def backend_settings(backend: str) -> dict[str, Any]:
     """The settings a paid backend adds to every cache key (its class declares them)."""
-    module_name, class_name = BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(module_name), class_name).settings
+    return BACKENDS.load(backend).settings
 
 
 def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRunner | BatchRunner:
@@ -117,7 +122,7 @@ def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRun
         make_backend(options.backend, options.model, options.backend_options), cache, rubric.id,
         options.concurrency, RateLimiter(options.requests_per_minute, options.tokens_per_minute),
         Budget(options.max_requests, options.max_usd, options.usd_per_million_input, options.usd_per_million_output),
-        RetryPolicy(options.max_retries, options.parse_retries, options.backoff))
+        RetryPolicy(options.max_retries, options.backoff), options.parse_retries)
     if options.mode == "online":
         return online
     return BatchRunner(online, options.batch_retries, options.batch_poll_seconds, options.batch_max_poll_seconds,
@@ -125,15 +130,17 @@ def make_runner(options: JudgeOptions, cache: Cache, rubric: Rubric) -> JudgeRun
 
 
 class JudgeStage(Stage):
-    """Subclasses set `name`, `default_rubric`, `Scores` (the verdict schema), `reasons` (dimension ->
-    rejection reason), and implement `render(sample)`."""
+    """Subclasses set `name`, `default_rubric`, `Scores` (the verdict schema), `dimension_reasons`
+    (dimension -> rejection reason), `reasons` (every reason it can give -> one line), and implement
+    `render(sample)`."""
 
     Options = JudgeOptions
     batch_size = 32
+    backend_classes = BACKENDS  # backend_options are checked against these constructors at recipe load
     batch_mode_size = 1 << 30  # in batch mode one job takes every row of a committed batch
     default_rubric: ClassVar[str]
     Scores: ClassVar[type[BaseModel]]
-    reasons: ClassVar[dict[str, str]]
+    dimension_reasons: ClassVar[dict[str, str]]
 
     def __init__(self, options: StageOptions | None = None) -> None:
         super().__init__(options)
@@ -148,9 +155,10 @@ class JudgeStage(Stage):
     def setup(self, context: StageContext) -> None:
         options = self.options
         self.rubric = load_rubric(options.rubric or self.default_rubric)
-        unknown = set(options.min_scores) - set(self.reasons)
+        unknown = set(options.min_scores) - set(self.dimension_reasons)
         if unknown:
-            raise UserError(f"stage {self.name!r}: min_scores names {sorted(unknown)}; its dimensions are {sorted(self.reasons)}")
+            raise UserError(f"stage {self.name!r}: min_scores names {sorted(unknown)}; "
+                            f"its dimensions are {sorted(self.dimension_reasons)}")
         self.cache = Cache(context.cache_path)
         self.runner = make_runner(options, self.cache, self.rubric)
 
@@ -197,12 +205,12 @@ class JudgeStage(Stage):
             return reject("judge_error", outcome.message)
         scores = outcome.model_dump()
         sample.meta[self.name] = {**about, **scores}
-        thresholds = {dim: self.options.min_scores.get(dim, 3) for dim in self.reasons}
+        thresholds = {dim: self.options.min_scores.get(dim, 3) for dim in self.dimension_reasons}
         low = [(dim, scores[dim], threshold) for dim, threshold in thresholds.items() if scores[dim] < threshold]
         if not low:
             return KEEP
         summary = ", ".join(f"{dim} {score} < {threshold}" for dim, score, threshold in low)
-        return reject(self.reasons[low[0][0]], f"{summary}: {scores.get('justification', '')}")
+        return reject(self.dimension_reasons[low[0][0]], f"{summary}: {scores.get('justification', '')}")
 
 
 class _CostEstimator:

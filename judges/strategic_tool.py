@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from curate.generation import Prompt
 from curate.sample import ImagePart, Message, Part, Sample, TextPart
-from judges.stage import JudgeStage
+from curate.judges.stage import JudgeStage
 
 
 class StrategicScores(BaseModel):
@@ -29,8 +29,12 @@ class StrategicToolJudge(JudgeStage):
     name = "strategic_tool_judge"
     default_rubric = "strategic_tool_use"
     Scores = StrategicScores
-    reasons: ClassVar[dict[str, str]] = {"visual_relevance": "not_strategic", "reasoning_coherence": "not_strategic",
-               "tool_rationale": "not_strategic"}
+    dimension_reasons: ClassVar[dict[str, str]] = {
+        "visual_relevance": "not_strategic", "reasoning_coherence": "not_strategic", "tool_rationale": "not_strategic"}
+    reasons: ClassVar[dict[str, str]] = {
+        "not_strategic": "a rubric score is under its `min_scores` threshold; the detail gives the scores and why",
+        "judge_error": "the judge never delivered a valid verdict (after the retries), never a low score",
+    }
 
     def render(self, sample: Sample) -> Prompt | None:
         if not sample.tool_calls():

@@ -14,9 +14,9 @@ from pydantic import BaseModel
 from curate.cache import Cache
 from curate.generation import Prompt
 from curate.sample import Message, TextPart
-from judges.backend import JudgeRequest
-from judges.runner import JudgeFailure
-from judges.stage import JudgeOptions, load_rubric, make_runner
+from curate.judges.backend import JudgeRequest
+from curate.judges.runner import JudgeFailure
+from curate.judges.stage import JudgeOptions, load_rubric, make_runner
 
 
 class AnswerVerdict(BaseModel):

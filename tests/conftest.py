@@ -2,20 +2,82 @@
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist the workers share the cores: each gets its share of torch's threads, and so do the processes it
+# starts (before anything imports torch), rather than every worker spinning one thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import base64
+import contextlib
+import fcntl
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image, ImageDraw
 
 from curate.sample import Sample
 from curate.stage import Stage, StageContext, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def bundled_recipe_data(name: str) -> dict[str, Any]:
+    """A bundled recipe's YAML with every file path it names (inputs, evaluation sets) made absolute, so a test can
+    change it and write it anywhere."""
+    import yaml
+
+    folder = REPO / "recipes"
+    data = yaml.safe_load((folder / f"{name}.yaml").read_text())
+    data["input"]["paths"] = [{**p, "path": str((folder / p["path"]).resolve())} for p in data["input"]["paths"]]
+    for stage in data["stages"]:
+        for benchmark in ((stage.get("decontaminate") or {}).get("benchmarks") or {}).values():
+            benchmark["paths"] = [str((folder / path).resolve()) for path in benchmark["paths"]]
+    return data
+
+
+# Tests whose expensive state lives in one process run on one xdist worker (`--dist loadgroup`): the bundled
+# sample's probe answers (the session's `probe_cache`, computed by the first run of each recipe) and the Ray cluster
+# (a test that starts one of its own is marked `xdist_group(ONE_WORKER)` too: one local cluster at a time).
+ONE_WORKER = "shared-state"
+SHARED_STATE_FIXTURES = {"probe_cache", "cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SHARED_STATE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(ONE_WORKER))
+
+
+@pytest.fixture(autouse=True)
+def alone_under_xdist(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A test marked `alone` checks processes machine-wide (the sandbox attack tests: no process of a sandbox's
+    uids is left): under pytest-xdist it holds this lock exclusively and every other test holds it shared, so no
+    other worker's test runs beside it."""
+    if not hasattr(request.config, "workerinput"):
+        yield
+        return
+    with open(tmp_path_factory.getbasetemp().parent / "alone.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        yield
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's (the dev extra)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker a core, at most four, and at most one per 6 GiB of memory (a test with a vLLM engine
+    holds about 4.5 GiB)."""
+    import psutil
+
+    return max(1, min(os.cpu_count() or 1, 4, psutil.virtual_memory().total // (6 << 30)))
 
 
 def png_bytes(seed: int, size: int = 32) -> bytes:
@@ -95,6 +157,14 @@ def assert_accounting(run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def cli(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """`curate ARGS` in this process (click's runner: exit code, stdout and stderr apart), for what a subprocess would
+    prove no more of: argument handling, one-line errors, printed output. `env` sets (None: unsets) variables."""
+    from curate.cli import main
+
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
 def processed(stage: Stage, batch: list[Sample], cache: Path) -> list[Verdict]:
     """The stage's verdicts on one batch, set up with `cache` (scratch beside it) and torn down after."""
     stage.setup(StageContext(cache, cache.parent))
@@ -102,3 +172,29 @@ def processed(stage: Stage, batch: list[Sample], cache: Path) -> list[Verdict]:
         return stage.process(batch)
     finally:
         stage.teardown()
+
+
+@contextlib.contextmanager
+def stopped_at_commit(monkeypatch: pytest.MonkeyPatch, batches_done: int, debris: Path | None = None) -> Iterator[None]:
+    """The run inside stops (KeyboardInterrupt, as a kill would) at the commit that follows `batches_done` committed
+    batches. With `debris`, that batch's kept rows are first written there, a part no state names (a kill between
+    writing a part and its state). Commits work again afterwards."""
+    from curate.rundir import RunDir
+    from curate.sample import ROW_SCHEMA
+
+    commit = RunDir.commit_batch
+
+    def stop(self: RunDir, state: Any, kept: list[Sample], *rest: Any, **options: Any) -> None:
+        if state.batches_done == batches_done:
+            if debris is not None:
+                debris.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA), debris)
+            raise KeyboardInterrupt
+        commit(self, state, kept, *rest, **options)
+
+    monkeypatch.setattr(RunDir, "commit_batch", stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(RunDir, "commit_batch", commit)

@@ -8,7 +8,9 @@ sleeps `latency` seconds first. Failures are scripted: each request consumes the
   when to retry, in a `Retry-After` header (unless `retry_after_header` is off) and as `google.rpc.RetryInfo`;
 - "garbage": 200 with a well-formed response whose candidate text is not JSON (the model answered garbage);
 - "badjson": 200 with a body that is not JSON at all;
-- "slow": sleep `slow_seconds`, then answer normally.
+- "slow": sleep `slow_seconds`, then answer normally;
+- "<status>+key" (e.g. "503+key"): that status, its error message echoing the request's API key.
+While `outage` holds a status, every request gets it (a fault-free server again once it is None).
 `GeminiBatchServer` adds the Batch API and the file upload and download that `client.batches` and
 `client.files` use (see its docstring).
 """
@@ -16,6 +18,7 @@ sleeps `latency` seconds first. Failures are scripted: each request consumes the
 from __future__ import annotations
 
 import base64
+import hashlib
 import itertools
 import json
 import re
@@ -71,6 +74,8 @@ class GeminiServer(LocalServer):
         self.retry_after_header = retry_after_header
         self.requests: list[dict[str, Any]] = []  # {"path", "headers" (names lower-cased), "body"}, in arrival order
         self.faults: deque[str] = deque()
+        self.outage: int | None = None  # every request answered with this status while set
+        self.answered: Counter[str] = Counter()  # digest of the request body -> how often it got a real answer
         self._lock = threading.Lock()
         super().__init__()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -85,19 +90,25 @@ class GeminiServer(LocalServer):
         with self._lock:
             self.requests.append({"path": path, "headers": headers, "body": body})
             fault = self.faults.popleft() if self.faults else None
+            if self.outage is not None:
+                fault = str(self.outage)
         time.sleep(self.latency)
         if fault == "badjson":
             return 200, {}, b"<html>upstream exploded</html>"
         if fault == "slow":
             time.sleep(self.slow_seconds)
+        elif fault is not None and fault.endswith("+key"):
+            return self.error(int(fault.removesuffix("+key")), f" for key {headers.get('x-goog-api-key', '')}")
         elif fault not in (None, "garbage"):
             return self.error(int(fault))
         text = "I think it is fine, really." if fault == "garbage" else self.answer(body)
+        with self._lock:
+            self.answered[hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()] += 1
         return 200, {}, json.dumps(self.response(body, text)).encode()
 
-    def error(self, status: int) -> tuple[int, dict[str, str], bytes]:
+    def error(self, status: int, echoed: str = "") -> tuple[int, dict[str, str], bytes]:
         """A Google-style error response; a 429 says when to retry."""
-        error: dict[str, Any] = {"code": status, "message": f"scripted {status}",
+        error: dict[str, Any] = {"code": status, "message": f"scripted {status}{echoed}",
                                  "status": STATUS_NAMES.get(status, HTTPStatus(status).phrase.upper())}
         headers = {}
         if status == 429:

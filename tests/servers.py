@@ -6,7 +6,9 @@ text. Failures are scripted: each request consumes the next entry of `faults`, i
 - an HTTP status ("429", "500", "400", ...): that status with a JSON error body; 429 sends `Retry-After`;
 - "garbage": 200 with a body that is not JSON;
 - "slow": sleep `slow_seconds`, then answer normally;
-- "drop": close the connection without answering.
+- "drop": close the connection without answering;
+- "<status>+auth" (e.g. "503+auth"): that status, its error message echoing the request's Authorization header,
+  as a careless proxy might.
 """
 
 from __future__ import annotations
@@ -90,9 +92,10 @@ class ChatServer(LocalServer):
         if fault == "slow":
             time.sleep(self.slow_seconds)
         elif fault is not None:
-            status = int(fault)
+            status = int(fault.removesuffix("+auth"))
             extra = {"Retry-After": str(self.retry_after)} if status == 429 else {}
-            return status, extra, json.dumps({"error": {"message": f"scripted {status}"}}).encode()
+            echoed = f" for {headers.get('authorization', '')}" if fault.endswith("+auth") else ""
+            return status, extra, json.dumps({"error": {"message": f"scripted {status}{echoed}"}}).encode()
         return 200, {}, json.dumps(self.completion(body)).encode()
 
     def completion(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -106,3 +106,46 @@ class Slow(Stage):
     def process(self, batch: list[Sample]) -> list[Verdict]:
         time.sleep(self.options.seconds)
         return [KEEP] * len(batch)
+
+
+class Misbehave(Stage):
+    """On a batch holding a sample whose question contains `marker`: `count` returns one verdict too few (a
+    stage's bug), `transient` raises what an API still failing after its retries raises."""
+
+    name = "misbehave"
+
+    class Options(StageOptions):
+        marker: str = "BOOM"
+        mode: str = "count"
+
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        from curate.retry import TransientFailure
+
+        if any(self.options.marker in sample.question for sample in batch):
+            if self.options.mode == "transient":
+                raise TransientFailure("gemini g failed after 6 attempts: HTTP 503 UNAVAILABLE")
+            return [KEEP] * (len(batch) - 1)
+        return [KEEP] * len(batch)
+
+
+class DiesOnItsSecondBatch(Stage):
+    """Stateful: counts the batches it has seen and ends its own process on the second, as a crashed worker would.
+    A fresh instance (a restarted actor) would count from zero again and never die."""
+
+    name = "dies_on_its_second_batch"
+    stateful = True
+
+    def setup(self, context: object) -> None:
+        self.batches = 0
+
+    def process(self, batch: list[Sample]) -> list[Verdict]:
+        self.batches += 1
+        if self.batches == 2:
+            os._exit(1)
+        return [KEEP] * len(batch)
+
+    def state_dict(self) -> int:
+        return self.batches
+
+    def load_state_dict(self, state: int) -> None:
+        self.batches = state

@@ -12,10 +12,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, shard_ids
+from conftest import REPO, assert_accounting, bundled_recipe_data, cli, shard_ids
 
 from curate.rundir import RunDir, RunState
 
+MODEL_STAGES = {"base_model_solvable", "strategic_tool_judge"}
 CPU_STAGES = [{"image_integrity": {}}, {"image_dedup": {}}, {"format": {}}]
 
 
@@ -91,14 +92,14 @@ def test_user_errors_are_one_line_without_traceback(tmp_path: Path, generated: P
         (str(cpu_recipe(tmp_path, generated, 8)), "--input", str(tmp_path / "missing.parquet")): "input file not found",
     }
     for args, message in cases.items():
-        result = curate("run", *args, "-o", str(tmp_path / "out"), check=False)
-        assert result.returncode == 2, result.stderr
+        result = cli("run", *args, "-o", str(tmp_path / "out"))
+        assert result.exit_code == 2, result.stderr
         assert message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_stages_lists_builtin_stages_with_options() -> None:
-    listing = curate("stages").stdout
+    listing = cli("stages").stdout
     for name in ("image_integrity", "image_dedup", "format"):
         assert f"\n{name}  [" in f"\n{listing}"
     assert "max_distance" in listing
@@ -151,15 +152,19 @@ def test_entry_point_plugin_stage_is_found_and_runs(tmp_path: Path, generated: P
                                      "reasons": {"odd_row": 300}}
 
 
-def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Path, probe_cache: Path) -> None:
+def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Path) -> None:
     import psutil
 
-    data = yaml.safe_load((REPO / "recipes" / "metis_sft.yaml").read_text())
-    data["input"]["paths"] = [{**p, "path": str((REPO / "recipes" / p["path"]).resolve())} for p in data["input"]["paths"]]
+    # The bundled SFT recipe up to its sandbox stages: the model stages after them are not what is killed here.
+    data = bundled_recipe_data("metis_sft")
+    data["stages"] = [stage for stage in data["stages"] if next(iter(stage)) not in MODEL_STAGES]
+    local = data["profiles"]["local"]
+    local["stages"] = {name: options for name, options in local["stages"].items() if name not in MODEL_STAGES}
+    assert [next(iter(stage)) for stage in data["stages"]][-2:] == ["execution_failure", "consistency"]
     data["batch_size"] = 16
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    cache = str(probe_cache)
+    cache = str(tmp_path / "cache.sqlite")
     curate("run", str(recipe), "--local", "-o", str(tmp_path / "clean"), "--cache", cache, "--no-progress")
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed),

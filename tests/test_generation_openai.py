@@ -16,7 +16,8 @@ from servers import ChatServer, last_user_text
 
 from curate.cache import Cache
 from curate.generation import BackendSpec, Prompt, SamplingParams, generate_cached, make_generator
-from curate.generation.openai import OpenAIGenerator
+from curate.generation.openai import ChatRejected, OpenAIGenerator
+from curate.retry import TransientFailure
 from curate.sample import Image, ImagePart, Message, TextPart
 
 PARAMS = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64, seed=3)
@@ -117,7 +118,7 @@ def test_exhausted_retries_raise_with_the_last_status() -> None:
     with ChatServer() as server:
         server.faults.extend(["503"] * 3)
         gen = generator(server, max_retries=2)
-        with pytest.raises(RuntimeError, match=r"failed after 3 attempts: HTTP 503: .*scripted 503"):
+        with pytest.raises(TransientFailure, match=r"failed after 3 attempts: HTTP 503: .*scripted 503"):
             gen.generate([prompt("q")], 1, PARAMS)
     assert (gen.requests, len(server.requests)) == (3, 3)
 
@@ -127,7 +128,7 @@ def test_unreachable_server_raises_a_connection_error() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     gen = OpenAIGenerator("m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff=0.01)
-    with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions failed after 2 attempts: "
+    with pytest.raises(TransientFailure, match=rf"127\.0\.0\.1:{port}/v1/chat/completions failed after 2 attempts: "
                                            r"ConnectionError"):
         gen.generate([prompt("q")], 1, PARAMS)
 
@@ -139,9 +140,9 @@ def test_api_key_is_sent_but_never_reported(monkeypatch: pytest.MonkeyPatch) -> 
         gen = generator(server, api_key_env="CURATE_TEST_API_KEY", max_retries=1)
         gen.generate([prompt("q")], 1, PARAMS)
         server.faults.extend(["401", "500", "500"])
-        with pytest.raises(RuntimeError) as refused:
+        with pytest.raises(ChatRejected) as refused:
             gen.generate([prompt("q")], 1, PARAMS)
-        with pytest.raises(RuntimeError) as exhausted:
+        with pytest.raises(TransientFailure) as exhausted:
             gen.generate([prompt("q")], 1, PARAMS)
     assert server.headers[0]["authorization"] == f"Bearer {secret}"
     for text in (str(refused.value), str(exhausted.value), repr(gen)):

@@ -24,10 +24,10 @@ from curate.errors import UserError
 from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
-from judges.batch import BatchJobs, Job
-from judges.bounds import PromptBounds, bound_sample
-from judges.stage import load_rubric, make_runner
-from judges.strategic_tool import StrategicToolJudge
+from curate.judges.batch import BatchJobs, Job
+from curate.judges.bounds import PromptBounds, bound_sample
+from curate.judges.stage import load_rubric, make_runner
+from curate.judges.strategic_tool import StrategicToolJudge
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,10 @@ from pydantic import BaseModel
 
 from curate.errors import UserError
 from curate.generation import Prompt
+from curate.retry import TransientError
 from curate.sample import Image, ImagePart, Message, TextPart
-from judges.backend import JudgeReply, JudgeRequest, RetryableError, json_schema
-from judges.gemini import GeminiBackend
+from curate.judges.backend import JudgeReply, JudgeRequest, json_schema
+from curate.judges.gemini import GeminiBackend
 
 KEY = "test-key-123"
 MODEL = "gemini-judge-test"
@@ -125,7 +126,7 @@ def test_garbage_answer_is_returned_for_the_runner_to_reject() -> None:
 def test_429_is_retryable_with_retry_after_header() -> None:
     with GeminiServer(retry_after=2.5) as server:
         error = failure(server, "429")
-    assert isinstance(error, RetryableError) and error.retry_after == 2.5
+    assert isinstance(error, TransientError) and error.retry_after == 2.5
     assert "429" in str(error) and "scripted 429" in str(error) and "\n" not in str(error)
     assert len(server.requests) == 1  # the client's own retries are off
 
@@ -133,7 +134,7 @@ def test_429_is_retryable_with_retry_after_header() -> None:
 def test_429_without_header_takes_the_retry_info_delay() -> None:
     with GeminiServer(retry_after=7, retry_after_header=False) as server:
         error = failure(server, "429")
-    assert isinstance(error, RetryableError) and error.retry_after == 7.0
+    assert isinstance(error, TransientError) and error.retry_after == 7.0
     assert len(server.requests) == 1
 
 
@@ -141,7 +142,7 @@ def test_429_without_header_takes_the_retry_info_delay() -> None:
 def test_server_errors_are_retryable(status: str) -> None:
     with GeminiServer() as server:
         error = failure(server, status)
-    assert isinstance(error, RetryableError) and error.retry_after is None and status in str(error)
+    assert isinstance(error, TransientError) and error.retry_after is None and status in str(error)
     assert len(server.requests) == 1
 
 
@@ -155,8 +156,8 @@ def test_other_client_errors_are_fatal(status: str) -> None:
 
 def test_timeout_and_unreadable_body_are_retryable() -> None:
     with GeminiServer(slow_seconds=1.0) as server:
-        assert isinstance(failure(server, "slow", timeout=0.3), RetryableError)
-        assert isinstance(failure(server, "badjson"), RetryableError)
+        assert isinstance(failure(server, "slow", timeout=0.3), TransientError)
+        assert isinstance(failure(server, "badjson"), TransientError)
     assert len(server.requests) == 2
 
 
@@ -164,7 +165,7 @@ def test_refused_connection_is_retryable() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(RetryableError):
+    with pytest.raises(TransientError):
         complete(f"http://127.0.0.1:{port}")
 
 
@@ -175,7 +176,7 @@ def test_one_http_request_per_call_across_faults() -> None:
         for _ in faults:
             try:
                 await backend.complete(REQUEST)
-            except (RetryableError, RuntimeError):
+            except (TransientError, RuntimeError):
                 pass
         await backend.aclose()
 

@@ -12,22 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, png_bytes, processed
+from conftest import REPO, assert_accounting, cli, png_bytes, processed, shard_ids
 from gemini_server import GeminiServer, request_images, request_text, system_text
+from google import genai
+from google.genai import Client as GenaiClient
 from servers import ChatServer
 
-from curate.executor import LocalExecutor
+from curate.executor import LocalExecutor, StageError
 from curate.formats import get_format
 from curate.recipe import load_recipe
+from curate.retry import TransientFailure
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
 from curate.verify import AnswerVerifier
-from judges.ambiguity import AmbiguityJudge
-from judges.limits import BudgetExhausted, RateLimiter
-from judges.stage import load_rubric
-from judges.strategic_tool import StrategicToolJudge
-from judges.verifier import JudgeVerifier
+from curate.judges.ambiguity import AmbiguityJudge
+from curate.judges.limits import BudgetExhausted, RateLimiter
+from curate.judges.stage import load_rubric
+from curate.judges.strategic_tool import StrategicToolJudge
+from curate.judges.verifier import JudgeVerifier
 
 KEY = "test-key-do-not-leak-4242"
 
@@ -107,15 +111,20 @@ def test_persistent_garbage_is_judge_error_not_a_low_score(tmp_path: Path) -> No
     assert "tool_rationale" not in sample.meta["strategic_tool_judge"]
 
 
-def test_transient_errors_that_never_end_are_judge_error_and_not_cached(tmp_path: Path) -> None:
+def test_transient_errors_that_never_end_stop_the_batch_and_are_not_cached(tmp_path: Path) -> None:
+    """Never a verdict: the batch raises (so it is not committed) once the answered request is cached."""
     with GeminiServer(answer=pointless_if_hello, retry_after=0.0) as server:
         server.faults.extend(["503"] * 3)
-        _, (verdict,) = judge(StrategicToolJudge, [trajectory("t", "print(1)")], tmp_path / "c.sqlite", max_retries=2,
-                              backend_options={"base_url": server.base_url})
-        assert verdict.reason == "judge_error" and "gave up after 3 attempts" in verdict.detail
-        _, (again,) = judge(StrategicToolJudge, [trajectory("t", "print(1)")], tmp_path / "c.sqlite",
-                            backend_options={"base_url": server.base_url})
-        assert again.keep and len(server.requests) == 4  # retried on the next run: nothing was paid before
+        stage = StrategicToolJudge(StrategicToolJudge.Options(backoff=0.01, max_retries=2, concurrency=1,
+                                                              backend_options={"base_url": server.base_url}))
+        with pytest.raises(TransientFailure, match=r"failed after 3 attempts: .*HTTP 503") as stopped:
+            processed(stage, [trajectory("t", "print(1)"), trajectory("u", "print(2)")], tmp_path / "c.sqlite")
+        assert "\n" not in str(stopped.value) and KEY not in str(stopped.value)
+        assert len(server.requests) == 4  # the first row's 3 attempts, then the second row answered
+        _, verdicts = judge(StrategicToolJudge, [trajectory("t", "print(1)"), trajectory("u", "print(2)")],
+                            tmp_path / "c.sqlite", backend_options={"base_url": server.base_url})
+        assert [v.keep for v in verdicts] == [True, True]
+        assert len(server.requests) == 5  # only the unanswered row is asked again: the answered one was cached
 
 
 def test_rubric_override_and_version_are_part_of_the_cache_key(tmp_path: Path) -> None:
@@ -182,17 +191,27 @@ def test_openai_server_without_json_schema_gets_the_schema_in_the_prompt(tmp_pat
 
 
 def test_rate_limiter_spaces_requests_and_tokens() -> None:
-    async def times(limiter: RateLimiter, sizes: list[int]) -> list[float]:
-        start, out = time.monotonic(), []
-        for size in sizes:
-            await limiter.acquire(size)
-            out.append(time.monotonic() - start)
+    def waits(limiter: RateLimiter, sends: list[tuple[float, int]]) -> list[float]:
+        """The wait before each send at its time (on the limiter's clock), each counted when it goes."""
+        out = []
+        for now, tokens in sends:
+            out.append(limiter._wait(tokens, now))
+            limiter._sent.append((now + out[-1], tokens))
         return out
 
-    by_requests = asyncio.run(times(RateLimiter(requests_per_minute=2, window=0.4), [1, 1, 1]))
-    assert by_requests[1] < 0.2 and by_requests[2] >= 0.35  # the third waits for the window
-    by_tokens = asyncio.run(times(RateLimiter(tokens_per_minute=100, window=0.4), [60, 30, 20]))
-    assert by_tokens[1] < 0.2 and by_tokens[2] >= 0.35  # 60 + 30 + 20 > 100: the third waits for the window
+    # 2 requests a 10 s window: the third, at t = 3, waits until the first (t = 1) leaves it, at t = 11.
+    assert waits(RateLimiter(requests_per_minute=2, window=10), [(1, 1), (2, 1), (3, 1), (30, 1)]) == [0, 0, 8, 0]
+    # 100 tokens a window: 60 + 30 fit, + 20 does not, until the 60 leaves; one request above the limit goes alone.
+    assert waits(RateLimiter(tokens_per_minute=100, window=10), [(1, 60), (2, 30), (3, 20)]) == [0, 0, 8]
+    assert waits(RateLimiter(tokens_per_minute=100, window=10), [(1, 500)]) == [0]
+
+    async def elapsed(limiter: RateLimiter, sizes: list[int]) -> float:  # the real clock: the wait happens
+        start = time.monotonic()
+        for size in sizes:
+            await limiter.acquire(size)
+        return time.monotonic() - start
+
+    assert asyncio.run(elapsed(RateLimiter(requests_per_minute=2, window=0.4), [1, 1, 1])) >= 0.35
 
 
 def test_judge_verifier_decides_what_rules_cannot(tmp_path: Path) -> None:
@@ -226,11 +245,16 @@ def sft_recipe(tmp_path: Path, rows: int, base_url: str, **judge_options: Any) -
     return recipe
 
 
-def test_budget_stops_the_run_and_a_rerun_resumes_without_paying_twice(tmp_path: Path) -> None:
+def test_budget_stops_the_run_and_a_rerun_resumes_without_paying_twice(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    clients = []
+    monkeypatch.setattr(genai, "Client", lambda *args, **kwargs: clients.append(1) or GenaiClient(*args, **kwargs))
     with GeminiServer(answer=pointless_if_hello) as server:
         recipe = sft_recipe(tmp_path, 10, server.base_url, max_requests=6, concurrency=2)
-        with pytest.raises(BudgetExhausted, match="judge budget reached after 6 requests"):
+        with pytest.raises(StageError, match="stage 'strategic_tool_judge' stopped: judge budget reached after 6 "
+                                             "requests.*run the same command again to resume") as stopped:
             LocalExecutor(load_recipe(recipe), tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+        assert isinstance(stopped.value.__cause__, BudgetExhausted) and stopped.value.one_line
         assert len(server.requests) == 6 and not (tmp_path / "run" / "manifest.json").exists()
         manifest = LocalExecutor(load_recipe(recipe), tmp_path / "run", cache_path=tmp_path / "c.sqlite",
                                  progress=False).run()  # a new run's budget: 6 more requests are enough
@@ -238,23 +262,23 @@ def test_budget_stops_the_run_and_a_rerun_resumes_without_paying_twice(tmp_path:
         assert manifest["resumed"] == 1
         assert_accounting(tmp_path / "run")
         assert manifest["stages"][1]["reasons"] == {"not_strategic": 4}
+        assert clients  # the counter sees the client the runs above made
+        clients.clear()
         LocalExecutor(load_recipe(recipe), tmp_path / "again", cache_path=tmp_path / "c.sqlite", progress=False).run()
         assert len(server.requests) == 10  # a repeated run makes no request
+        assert not clients  # and opens no client
 
 
 def test_cli_missing_key_fails_before_work_and_the_key_never_reaches_disk(tmp_path: Path) -> None:
     with GeminiServer(answer=pointless_if_hello) as server:
         recipe = sft_recipe(tmp_path, 4, server.base_url)
-        env = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
-        command = [sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "run"), "--no-progress",
-                   "--cache", str(tmp_path / "c.sqlite")]
-        missing = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
-        assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+        command = ["run", str(recipe), "-o", str(tmp_path / "run"), "--no-progress", "--cache", str(tmp_path / "c.sqlite")]
+        missing = cli(*command, env={"GEMINI_API_KEY": None, "GOOGLE_API_KEY": None})
+        assert missing.exit_code == 2 and missing.stderr.strip().count("\n") == 0
         assert "GEMINI_API_KEY" in missing.stderr and "GOOGLE_API_KEY" in missing.stderr and "--local" in missing.stderr
         assert not server.requests and not list((tmp_path / "run").rglob("*.parquet"))
-        ran = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**env, "GEMINI_API_KEY": KEY},
-                             check=False)
-        assert ran.returncode == 0, ran.stderr
+        ran = cli(*command, env={"GEMINI_API_KEY": KEY, "GOOGLE_API_KEY": None})
+        assert ran.exit_code == 0, ran.stderr
         assert all(r["headers"].get("x-goog-api-key") == KEY for r in server.requests)
     written = [p for p in [*(tmp_path / "run").rglob("*"), *tmp_path.glob("c.sqlite*")] if p.is_file()]
     assert written and not [p for p in written if KEY.encode() in p.read_bytes()]
@@ -270,3 +294,35 @@ def test_local_backend_always_answers_in_the_schema(tmp_path: Path) -> None:
     assert verdict.keep and all(scores[d] in range(1, 6) for d in ("visual_relevance", "reasoning_coherence",
                                                                    "tool_rationale"))
     assert isinstance(scores["justification"], str)
+
+
+def test_an_outage_stops_the_run_without_rejecting_and_the_same_command_then_judges_every_row(tmp_path: Path) -> None:
+    """The strategic judge on its Gemini backend, the server down (503 to everything): the run stops with one line
+    and commits nothing; once the server is back, the same command on the same -o judges all rows as a fault-free
+    run does."""
+    def outcome(run_dir: Path) -> tuple[list[str], list[tuple[str, str]]]:
+        assert_accounting(run_dir)
+        rejected = [(r["id"], r["reason"]) for r in pq.read_table(run_dir / "rejected").to_pylist()]
+        return shard_ids(run_dir / "kept"), sorted(rejected)
+
+    with GeminiServer(answer=pointless_if_hello) as server:
+        recipe = sft_recipe(tmp_path, 8, server.base_url, max_retries=2)
+        command = [sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "run"), "--no-progress",
+                   "--cache", str(tmp_path / "c.sqlite")]
+        env = {**os.environ, "GEMINI_API_KEY": KEY}
+        server.outage = 503
+        down = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
+        assert down.returncode == 2, down.stderr
+        (line,) = down.stderr.strip().splitlines()
+        assert line.startswith("error: stage 'strategic_tool_judge' stopped: gemini gemini-test failed after 3 attempts")
+        assert "HTTP 503" in line and "run the same command again to resume" in line and KEY not in line
+        assert not list((tmp_path / "run").rglob("*.parquet")) and not (tmp_path / "run" / "manifest.json").exists()
+        server.outage = None
+        answered_before = len(server.requests)
+        up = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
+        assert up.returncode == 0, up.stderr
+        assert len(server.requests) - answered_before == 8  # every row judged once, now
+        clean = [*command[:6], str(tmp_path / "clean"), "--no-progress", "--cache", str(tmp_path / "clean.sqlite")]
+        assert subprocess.run(clean, capture_output=True, text=True, cwd=REPO, env=env, check=False).returncode == 0
+    assert outcome(tmp_path / "run") == outcome(tmp_path / "clean")
+    assert [reason for _, reason in outcome(tmp_path / "run")[1]] == ["not_strategic"] * 3

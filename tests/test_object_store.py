@@ -17,7 +17,7 @@ import nbformat
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, shard_ids
+from conftest import REPO, assert_accounting, cli, shard_ids
 from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 
 from curate.errors import UserError
@@ -107,8 +107,9 @@ def test_notebook_and_cli_open_a_run_on_s3(s3: S3, sample_runs: tuple[Path, str]
             del os.environ["CURATE_RUN_DIR"]
     printed = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept" in printed
-    inspect = subprocess.run([sys.executable, "-m", "curate", "inspect", remote], capture_output=True,
-                             text=True, cwd=REPO, env={**os.environ, **s3.env}, check=True).stdout
+    shown = cli("inspect", remote, env=s3.env)
+    assert shown.exit_code == 0, shown.stderr
+    inspect = shown.stdout
     assert all(stage["name"] in inspect for stage in manifest["stages"])
 
 
@@ -201,9 +202,8 @@ def test_bad_storage_input_is_one_line_naming_the_url_before_any_work(s3: S3, s3
         assert not Path(run_dir).exists() or run_dir.startswith("s3://"), "the run started before the error"
     # The command line prints the same, as one line.
     recipe = recipe_file(tmp_path / "cli.yaml", [f"{sample_on_s3}/missing.jsonl"])
-    result = subprocess.run([sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "cli")],
-                            capture_output=True, text=True, cwd=REPO, env={**os.environ, **s3.env})
-    assert result.returncode == 2
+    result = cli("run", str(recipe), "-o", str(tmp_path / "cli"), env=s3.env)
+    assert result.exit_code == 2
     assert result.stderr.strip() == f"error: input file not found: {sample_on_s3}/missing.jsonl"
 
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import assert_accounting, messages_row, write_jsonl
+from conftest import assert_accounting, messages_row, stopped_at_commit, write_jsonl
 from test_executor import outcome
-from test_generation import VLLM_OPTIONS
-from vllm_device import needs_vllm
+from vllm_device import VLLM_OPTIONS, needs_vllm, sharing
+
+import curate.generation
+from curate.models import SMOLLM2
 
 from curate.executor import LocalExecutor
 from curate.recipe import load_recipe
 from curate.rundir import RunDir
-from curate.sample import ROW_SCHEMA
 
 # Words SmolLM2-135M-Instruct copies back (solvable) and sums it gets wrong (kept by both stages).
 QUESTIONS = [("Repeat the word: lemon. Answer with the word only.", "lemon"),
@@ -41,8 +40,17 @@ def recipe(tmp_path: Path) -> Path:
 
 @needs_vllm
 def test_probe_stages_on_vllm_resume_after_a_crash_without_generating_twice(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     from curate.generation.vllm import VLLMGenerator
+
+    # One engine for both stages and both runs, started here and stopped at the end: not one for the session, since
+    # vLLM's parallel-state groups are process-wide and another test's engine, stopped, tears them down.
+    engine = VLLMGenerator(SMOLLM2, **VLLM_OPTIONS)
+    request.addfinalizer(engine.close)
+    made: list[str] = []  # the generators the stages build (both stages, both runs: on that engine)
+    make_generator = sharing(engine, curate.generation.make_generator)
+    monkeypatch.setattr(curate.generation, "make_generator",
+                        lambda spec: made.append(spec.backend) or make_generator(spec))
 
     prompts_sent: list[str] = []
     generate = VLLMGenerator.generate
@@ -52,23 +60,11 @@ def test_probe_stages_on_vllm_resume_after_a_crash_without_generating_twice(
         return generate(self, prompts, n, params)
 
     monkeypatch.setattr(VLLMGenerator, "generate", counted)
-    commit = RunDir.commit_batch
-
     debris = tmp_path / "run" / "state" / "kept" / "part-000001-deadbeef.parquet"
-
-    def crash_on_second(self, state, kept, rejected, rows):  # dies after writing a part, before the state
-        if state.batches_done == 1:
-            debris.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist([s.to_row() for s in kept], schema=ROW_SCHEMA), debris)
-            raise KeyboardInterrupt
-        commit(self, state, kept, rejected, rows)
-
     path = recipe(tmp_path)
     executor = LocalExecutor(load_recipe(path), tmp_path / "run", cache_path=tmp_path / "cache.sqlite", progress=False)
-    monkeypatch.setattr(RunDir, "commit_batch", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_commit(monkeypatch, 1, debris):  # dies after writing the second part, before its state
         executor.run()
-    monkeypatch.setattr(RunDir, "commit_batch", commit)
     assert RunDir(tmp_path / "run").load_state().batches_done == 1
     generated_before_crash = len(prompts_sent)
     manifest = LocalExecutor(load_recipe(path), tmp_path / "run", cache_path=tmp_path / "cache.sqlite",
@@ -82,3 +78,8 @@ def test_probe_stages_on_vllm_resume_after_a_crash_without_generating_twice(
     # The crashed batch's answers came from the cache, the batches after it were generated: every prompt was
     # generated once, for each stage.
     assert len(prompts_sent) == len(set(prompts_sent)) > generated_before_crash
+    assert made == ["vllm"] * 4  # each stage in each run, at its first answer the cache lacked
+    # Every answer is now cached: a new run generates nothing and starts no engine.
+    made.clear()
+    LocalExecutor(load_recipe(path), tmp_path / "again", cache_path=tmp_path / "cache.sqlite", progress=False).run()
+    assert made == [] and outcome(tmp_path / "again") == (kept, rejected)

@@ -14,30 +14,32 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, messages_row, shard_ids, write_jsonl
+from conftest import REPO, assert_accounting, messages_row, shard_ids, stopped_at_commit, write_jsonl
 from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
-from stage_fixtures import Explode, FirstN, HashBucket, Slow
+from stage_fixtures import DiesOnItsSecondBatch, Explode, FirstN, HashBucket, Misbehave, Slow
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor, SourceReader, StageError
 from curate.inspect import Run
 from curate.recipe import load_recipe
 from curate.registry import register_stage
-from curate.rundir import RunDir, RunState
+from curate.rundir import RunDir
 
 ray = pytest.importorskip("ray", reason="the Ray executor is the optional extra `ray`")
-from curate.ray_executor import Failure, RayExecutor, plan_operators, read_batches
+from curate.ray_executor import Failure, RayExecutor, forwarded_environment, plan_operators, read_batches
 
-for stage in (HashBucket, FirstN, Explode, Slow):
+for stage in (HashBucket, FirstN, Explode, Slow, Misbehave, DiesOnItsSecondBatch):
     register_stage(stage)
 
 TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def cluster() -> str:
-    """A real local Ray cluster of 2 CPUs; workers import the test stages from this folder."""
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+def cluster(s3: S3) -> str:
+    """A real local Ray cluster of 2 CPUs, configured as an operator would: workers import the test stages from
+    this folder, and hold the object store's credentials in their own environment (no job brings them)."""
+    with s3.environment():
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -94,6 +96,22 @@ def test_stage_error_names_stage_and_rows_and_keeps_earlier_batches(cluster: str
     assert (state.batches_done, state.rows_done) == (2, 10)  # the batches before the failure, nothing after
 
 
+@pytest.mark.parametrize("mode", ["count", "transient"])
+def test_every_stage_side_failure_reaches_both_executors_as_a_stage_error_with_the_resume_hint(
+        cluster: str, tmp_path: Path, mode: str) -> None:
+    """A verdict-count bug and an API that stays down alike: StageError, naming the stage, saying that the same
+    command resumes, with the batches before it committed and nothing after."""
+    rows = [messages_row(i, question="BOOM here" if i == 12 else None) for i in range(20)]
+    recipe = load_recipe(recipe_file(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows),
+                                     [{"misbehave": {"mode": mode}}]))
+    for name, executor in (("local", LocalExecutor), ("ray", RayExecutor)):
+        with pytest.raises(StageError, match=r"stage 'misbehave' .*run the same command again to resume") as caught:
+            executor(recipe, tmp_path / name, cache_path=tmp_path / "c.sqlite", progress=False).run()
+        assert caught.value.one_line is (mode == "transient")
+        state = RunDir(tmp_path / name).load_state()
+        assert (state.batches_done, state.rows_done) == (2, 10), name
+
+
 def test_cli_reports_a_stage_failure_in_one_line_and_how_to_resume(cluster: str, tmp_path: Path) -> None:
     rows = [messages_row(i, question="BOOM here" if i == 3 else None) for i in range(8)]
     recipe = recipe_file(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), [{"explode": {}}])
@@ -108,8 +126,11 @@ def test_cli_reports_a_stage_failure_in_one_line_and_how_to_resume(cluster: str,
     lines = result.stderr.splitlines()
     (error,) = [index for index, line in enumerate(lines) if line.startswith("error: ")]
     assert lines[error].startswith("error: stage 'explode' failed on a batch of 5 rows (row-00000")
-    assert "exploded on row-00003" in lines[error] and "run the same command to resume" in lines[error + 1]
-    assert "ValueError: exploded on row-00003" in result.stderr  # the stage's own traceback, from the worker
+    assert "exploded on row-00003" in lines[error] and "run the same command again to resume" in lines[error]
+    # The stage's own traceback, from the worker, is in the run's log, which the error line names.
+    log = tmp_path / "run" / "logs" / "curate.log"
+    assert lines[error].endswith(f", traceback in {log}") and "Traceback" not in result.stderr
+    assert "ValueError: exploded on row-00003" in log.read_text()
 
 
 KILLABLE_RUN = """
@@ -172,7 +193,7 @@ RayExecutor(load_recipe(recipe), run_dir, cache_path=cache, progress=False, addr
 
 
 def test_ray_workers_read_inputs_straight_from_s3(cluster: str, s3: S3, tmp_path: Path) -> None:
-    """The cluster's workers lack the store's settings until the job brings them (the driver's AWS_*)."""
+    """The workers read the store with the cluster's own credentials; the job brings only its settings."""
     source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(24)] + ["{bad"])
     stages = [{"hash_bucket": {}}, {"first_n": {"n": 10}}]
     clean = LocalExecutor(load_recipe(recipe_file(tmp_path, source, stages)), tmp_path / "clean",
@@ -198,17 +219,8 @@ def test_run_stopped_under_the_local_executor_resumes_on_ray(cluster: str, tmp_p
     source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(30)])
     recipe = load_recipe(recipe_file(tmp_path, source, [{"hash_bucket": {}}, {"first_n": {"n": 12}}]))
     clean = LocalExecutor(recipe, tmp_path / "clean", cache_path=tmp_path / "c.sqlite", progress=False).run()
-    commit = RunDir.commit_batch
-
-    def stop_at_third(self: RunDir, state, kept, rejected, rows) -> None:  # the third commit never happens
-        if state.batches_done == 2:
-            raise KeyboardInterrupt
-        commit(self, state, kept, rejected, rows)
-
-    monkeypatch.setattr(RunDir, "commit_batch", stop_at_third)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_commit(monkeypatch, 2):  # the third commit never happens
         LocalExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
-    monkeypatch.setattr(RunDir, "commit_batch", commit)
     resumed = RayExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
     assert resumed["resumed"] == 1 and funnel(resumed) == funnel(clean)
     assert outcome(tmp_path / "run") == outcome(tmp_path / "clean")
@@ -218,8 +230,9 @@ def test_missing_api_key_at_an_actors_setup_stops_the_run_with_its_one_line(clus
     assert not {"GEMINI_API_KEY", "GOOGLE_API_KEY"} & set(os.environ), "the cluster's workers must lack the key"
     source = write_jsonl(tmp_path / "in.jsonl", [messages_row(i) for i in range(6)])
     recipe = recipe_file(tmp_path, source, [{"strategic_tool_judge": {"backend": "gemini", "model": "m"}}])
-    with pytest.raises(UserError, match="GEMINI_API_KEY"):
+    with pytest.raises(UserError, match="on a Ray worker .*GEMINI_API_KEY.*their own environment") as stopped:
         RayExecutor(load_recipe(recipe), tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert "\n" not in str(stopped.value)
     assert RunDir(tmp_path / "run").load_state().rows_done == 0
 
 
@@ -239,15 +252,18 @@ def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(
     assert ops[("strategic_tool_judge",)].actors == (1, 1) and ops[("strategic_tool_judge",)].num_cpus == 0
 
 
-def test_stateful_stage_actor_runs_batches_in_order_and_is_never_restarted(cluster: str, tmp_path: Path) -> None:
-    recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml", profile="local")
-    stages = {spec.label: spec.build() for spec in recipe.stages}
-    (index,) = [op for op in plan_operators(recipe.stages, stages, workers=2, cluster_gpus=0) if op.stateful]
-    executor = RayExecutor(recipe, tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False)
-    mapped = executor._add(ray, ray.data.range(1), index, RunState(recipe.sha256), workers=2)
-    # Ray Data's default lets actor tasks run out of order (it reorders only their outputs).
-    assert mapped._logical_plan.dag.ray_remote_args == {"max_restarts": 0, "allow_out_of_order_execution": False,
-                                                        "num_cpus": 0.0}
+def test_a_stateful_stage_whose_actor_dies_stops_the_run_instead_of_restarting(cluster: str, tmp_path: Path) -> None:
+    """A restarted actor would hold a fresh state (here, a counter from zero, which would never die again) and go on
+    as if nothing were lost; the run must stop instead, keeping what it committed, to resume from the commit.
+    (The batches' order for a stateful stage: test_stateful_stage_sees_rows_in_input_order_across_files.)"""
+    rows = [messages_row(i) for i in range(20)]
+    recipe = recipe_file(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), [{"dies_on_its_second_batch": {}}])
+    with pytest.raises(Exception) as stopped:  # noqa: PT011 - Ray's error for a dead actor, whatever its class
+        RayExecutor(load_recipe(recipe), tmp_path / "run", cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert not isinstance(stopped.value, AssertionError)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    state = RunDir(tmp_path / "run").load_state()
+    assert state is None or state.batches_done <= 1  # the batch the actor died on was never committed
 
 
 def test_a_file_unreadable_when_its_read_task_runs_travels_as_its_one_line(tmp_path: Path) -> None:
@@ -260,3 +276,16 @@ def test_a_file_unreadable_when_its_read_task_runs_travels_as_its_one_line(tmp_p
     carried = pickle.loads(block["payload"][0].as_py())
     assert isinstance(carried, Failure) and isinstance(carried.error, UserError)
     assert str(carried.error).startswith(f"{broken}: not valid JSON")
+
+
+def test_no_secret_travels_in_the_jobs_runtime_environment() -> None:
+    """Ray shows a job's runtime_env on its dashboard and in its job records: settings go, keys and credentials
+    stay with the driver (the workers read their own)."""
+    driver = {"GEMINI_API_KEY": "g", "GOOGLE_API_KEY": "g", "OPENAI_API_KEY": "o", "HF_TOKEN": "h",
+              "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t",
+              "GOOGLE_APPLICATION_CREDENTIALS": "/creds.json", "CURATE_AUTH_HEADER": "x",
+              "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "us-east-1", "HF_HOME": "/hf",
+              "CURATE_CACHE": "/c", "PYTHONPATH": "/p", "HOME": "/root"}
+    assert forwarded_environment(driver) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+                                             "AWS_DEFAULT_REGION": "us-east-1", "HF_HOME": "/hf",
+                                             "CURATE_CACHE": "/c", "PYTHONPATH": "/p"}

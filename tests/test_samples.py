@@ -57,7 +57,7 @@ def test_bundled_sample_is_what_the_generator_writes(tmp_path: Path) -> None:
                       ("sft_deepeyes.json", "deepeyes"), ("sft_thyme.jsonl", "thyme"), ("rl_verl.parquet", "verl")]:
         assert list(records(SAMPLE_DIR / name)) == list(records(tmp_path / name)), name
     kinds = {d["kind"] for d in expected["defects"].values()}
-    assert {kind for kind, *_ in SFT_DEFECTS} <= kinds
+    assert {kind for kind, *_ in SFT_DEFECTS} | {"near_duplicate_question", "eval_question", "eval_image"} <= kinds
     assert sum(len(rows) for rows in expected["malformed"].values()) == 6
 
 

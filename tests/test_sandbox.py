@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
 from curate.sandbox import SANDBOX_UIDS, Sandbox, SandboxOptions
 from curate.sandbox.isolation import BWRAP_VARIABLE
+from curate.stage import StageContext
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-curate-test-7f3a9e1b"
@@ -153,6 +155,7 @@ def attacks(tmp_path: Path, port: int, marker: str, private: Path, venv_folder: 
     }
 
 
+@pytest.mark.alone
 def test_attacks_are_contained_and_rejected_with_the_right_reason(tmp_path: Path, level: str, listener: socket.socket,
                                                                   writable_in_venv: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,6 +216,7 @@ def sandbox_processes_after(seconds: float) -> list[dict]:
         time.sleep(0.2)
 
 
+@pytest.mark.alone
 @pytest.mark.skipif(os.getuid() != 0, reason="this run is already unprivileged: the tests above cover it")
 def test_attacks_are_contained_for_an_unprivileged_user_too(writable_in_venv: Path) -> None:
     """Run as root, the sandbox hands each trajectory a uid of its own; a user's run cannot, so trajectories
@@ -224,8 +228,10 @@ def test_attacks_are_contained_for_an_unprivileged_user_too(writable_in_venv: Pa
         pytest.skip(f"uid {UNPRIVILEGED} cannot run this interpreter: {reachable.stderr.strip()[-200:]}")
     home = Path(tempfile.mkdtemp(prefix="curate-nobody-"))  # pytest's own tmp_path is root's alone
     home.chmod(0o777)
-    environment = {**os.environ, "HOME": str(home), VENV_FOLDER_VARIABLE: str(writable_in_venv)}
-    result = subprocess.run([*as_nobody, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    environment = {**{key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST_")},
+                   "HOME": str(home), VENV_FOLDER_VARIABLE: str(writable_in_venv)}
+    # In this process (-n 0): an xdist worker of uid nobody would be one more process the attack test finds left.
+    result = subprocess.run([*as_nobody, sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                              "--basetemp", str(home / "pytest"),
                              f"{__file__}::{test_attacks_are_contained_and_rejected_with_the_right_reason.__name__}"],
                             capture_output=True, text=True, env=environment, cwd=REPO, timeout=600)
@@ -309,14 +315,17 @@ def curate_command(*args: str, environment: dict[str, str]) -> subprocess.Comple
 
 
 def test_the_cli_says_which_level_it_gets_or_why_it_cannot_isolate(tmp_path: Path) -> None:
-    doctor = curate_command("doctor", environment={BWRAP_VARIABLE: BUNDLED_BWRAP})
+    doctor = curate_command("doctor", "--no-engine", environment={BWRAP_VARIABLE: BUNDLED_BWRAP})
     assert doctor.returncode == 0, doctor.stderr
-    assert doctor.stdout == f"sandbox: bwrap ({BWRAP_VARIABLE} bubblewrap 0.11.0: {BUNDLED_BWRAP})\n"
+    sandbox_line = doctor.stdout.splitlines()[0].split(maxsplit=2)
+    assert sandbox_line == ["sandbox", "ok", f"bwrap ({BWRAP_VARIABLE} bubblewrap 0.11.0: {BUNDLED_BWRAP})"]
     binary, cause = broken_bwraps(tmp_path)["not_executable"]
-    broken = curate_command("doctor", environment={BWRAP_VARIABLE: binary})
-    assert broken.returncode == 2 and broken.stdout == ""
-    assert broken.stderr.count("\n") == 1 and broken.stderr.startswith("error: the sandbox cannot isolate")
-    assert cause in broken.stderr
+    broken = curate_command("doctor", "--no-engine", environment={BWRAP_VARIABLE: binary})
+    (line,) = [line for line in broken.stdout.splitlines() if line.startswith("sandbox ")]
+    assert line.split()[1] == "no" and "the sandbox cannot isolate" in line and cause in line, broken.stdout
+    # A recipe that re-executes code needs the sandbox: asked about it, doctor fails.
+    needs = curate_command("doctor", "--no-engine", "recipes/starter.yaml", environment={BWRAP_VARIABLE: binary})
+    assert needs.returncode != 0 and "sandbox" in needs.stdout + needs.stderr
 
 
 def test_parallel_runs_use_all_workers() -> None:
@@ -371,3 +380,68 @@ def test_namespace_level_sees_a_python_installation_that_lives_under_tmp(tmp_pat
         assert "Read-only file system" in error or "Permission denied" in error  # bound back read-only
     finally:
         shutil.rmtree(venv, ignore_errors=True)
+
+
+def worker_tree(worker: object) -> list[psutil.Process]:
+    """A sandbox worker's processes: bwrap (or the zygote itself) and everything under it."""
+    root = psutil.Process(worker.process.pid)  # type: ignore[attr-defined]
+    return [root, *root.children(recursive=True)]
+
+
+def stop(worker: object) -> list[int]:
+    """SIGSTOP every process of a worker, as a wedged or suspended worker looks from outside."""
+    tree = worker_tree(worker)
+    for process in tree:
+        process.suspend()
+    return [process.pid for process in tree]
+
+
+def test_a_stopped_worker_is_killed_replaced_and_the_trajectory_runs_again(level: str) -> None:
+    """The watchdog: a worker stopped mid-trajectory (SIGSTOP) misses its deadline; it is killed (every process of
+    it), a fresh worker takes its place and runs the trajectory, and the sandbox goes on."""
+    options = SandboxOptions(isolation=level, parallelism=1, timeout=2, worker_grace=1)
+    with Sandbox(options) as sandbox:
+        worker = sandbox._workers[0]
+        stopped: list[int] = []
+        timer = threading.Timer(0.3, lambda: stopped.extend(stop(worker)))
+        timer.start()
+        result = sandbox.run(["import time; time.sleep(0.8); print('done')"])
+        timer.join()
+        assert stopped and (result.status, result.cells[0].stdout) == ("ok", "done\n")
+        assert worker.process.pid not in stopped  # replaced
+        assert not [pid for pid in stopped if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # the stopped ones are gone
+        assert sandbox.run(["print('next')"]).cells[0].stdout == "next\n"
+
+
+def test_a_row_whose_workers_all_wedge_is_rejected_with_a_reason_and_the_run_goes_on(tmp_path: Path) -> None:
+    """The row's trajectory meets two workers in turn, and each is stopped mid-trajectory: the row is rejected as
+    sandbox_unresponsive, saying so, and the next row runs on a third, fresh worker."""
+    from curate.filters.execution_failure import ExecutionFailure
+
+    stage = ExecutionFailure(ExecutionFailure.Options(parallelism=1, timeout=2, worker_grace=1))
+    stage.setup(StageContext(tmp_path / "c.sqlite", tmp_path))
+    worker = stage.sandbox._workers[0]
+    done = threading.Event()
+
+    def stop_two_workers() -> None:
+        stopped: list[int] = []
+        while len(stopped) < 2 and not done.is_set():
+            process = worker.process
+            if process.pid not in stopped and not done.wait(0.3) and worker.process is process:
+                stopped.append(process.pid)  # it has had 0.3 s to take the trajectory: stopped mid-run
+                stop(worker)
+            done.wait(0.05)
+
+    stopper = threading.Thread(target=stop_two_workers, daemon=True)
+    try:
+        stopper.start()
+        (wedged,) = stage.process([trajectory("wedged", "import time; time.sleep(1); print(1)", "1")])
+        stopper.join()
+        (fine,) = stage.process([trajectory("fine", "print(2)", "2")])
+    finally:
+        done.set()
+        stage.teardown()
+    assert (wedged.keep, wedged.reason) == (False, "sandbox_unresponsive")
+    assert "did not answer within 3 s, twice: each worker was killed and replaced" in wedged.detail
+    assert fine.keep

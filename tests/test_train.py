@@ -3,6 +3,7 @@ tool, and `curate train sft|hdpo|plot` end to end on the bundled sample's curate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO
 
 from curate.executor import LocalExecutor
@@ -18,8 +20,10 @@ from curate.generation.hf import load_model
 from curate.recipe import load_recipe
 from curate.sample import Message, Sample, TextPart
 from curate.sandbox import Sandbox, SandboxOptions
+from curate.train.advantages import accuracy_rewards, grpo_advantages, otc_advantages
 from curate.train.chat import ChatEncoder, policy_turns
-from curate.train.hdpo import format_ok
+from curate.train.checkpoint import is_sharded_checkpoint
+from curate.train.hdpo import HDPOConfig, advantages, format_ok
 from curate.train.rollout import RolloutConfig, RolloutEngine
 from curate.train.toy import build_toy_policy, hashed, toy_prompt, toy_trajectory
 
@@ -104,17 +108,31 @@ def curate_cli(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_cache: Path) -> None:
-    """`curate run` the RL recipe, SFT a few steps on SFT shards, then HDPO 2 steps from that checkpoint."""
-    rl_run = tmp_path / "rl"
-    LocalExecutor(load_recipe(REPO / "recipes" / "metis_rl.yaml", profile="local"), rl_run, cache_path=probe_cache,
-                  progress=False).run()
+def rl_run_of_the_sample(tmp_path: Path) -> Path:
+    """A run directory of RL shards as `curate run` writes them: the bundled RL prompts through the recipe's CPU
+    stages (the model stages' verdicts do not change what a shard looks like, and their tests are their own)."""
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "rl_shards", "input": {"paths": [{"path": str(REPO / "data" / "sample" / "rl_verl.parquet"),
+                                                  "format": "verl"}]},
+        "stages": [{"image_integrity": {}}, {"format": {"require_assistant": False}}],
+        "output": {"kind": "rl"}}))
+    run = tmp_path / "rl"
+    manifest = LocalExecutor(load_recipe(recipe), run, cache_path=tmp_path / "c.sqlite", progress=False).run()
+    assert manifest["kept_rows"] >= 2
+    return run
+
+
+def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path) -> None:
+    """RL shards of the bundled sample (a `curate run`), SFT a few steps on SFT shards, then HDPO 2 steps from that
+    checkpoint."""
+    rl_run = rl_run_of_the_sample(tmp_path)
     sft_shard = tmp_path / "sft.parquet"
     get_format("messages").write([toy_trajectory(f"t{i}", "hash", 10 + i) for i in range(4)], sft_shard)
     curate_cli("train", "sft", str(sft_shard), "--model", "smollm2-135m", "-o", str(tmp_path / "sft"),
                "--batch-size", "2", "--max-tokens", "256")
     sft_checkpoint = tmp_path / "sft" / "checkpoint-000002"
-    assert (sft_checkpoint / "model.safetensors").exists() and (sft_checkpoint / "optimizer.pt").exists()
+    assert is_sharded_checkpoint(sft_checkpoint)
 
     out = tmp_path / "hdpo"
     args = ["train", "hdpo", str(rl_run), "--model", str(sft_checkpoint), "-o", str(out), "--prompts", "2",
@@ -128,7 +146,7 @@ def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path, probe_ca
                 "loss_tool", "clip_frac_acc", "clip_frac_tool", "grad_norm", "seconds"):
         assert all(key in entry for entry in log), key
     checkpoint = out / "checkpoint-000002"
-    assert torch.load(checkpoint / "optimizer.pt")["step"] == 2
+    assert torch.load(checkpoint / "trainer_state.pt")["step"] == 2
     settings = json.loads((checkpoint / "train_config.json").read_text())
     assert settings["sandbox_workers"] == 1 and settings["max_tokens"] == 3000 and settings["generation"] == "transformers"
     assert settings["observation_images"] == 1
@@ -169,3 +187,17 @@ def test_cli_trains_the_otc_baseline_with_its_settings(tmp_path: Path) -> None:
     assert (settings["algo"], settings["otc_c"], settings["max_grad_norm"]) == ("otc", 2.0, 0.5)
     (log,) = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
     assert "tool_productivity" in log and "grad_norm" in log
+    # The advantages that run's settings give (the trainer's own function): four correct, well-formed rollouts with
+    # 0-3 tool calls have equal accuracy rewards, so GRPO's advantages would all be 0; OTC's rank fewer calls higher,
+    # by its reward with c = 2 (c = 1 would give others).
+    config = HDPOConfig(**{field.name: settings[field.name] for field in dataclasses.fields(HDPOConfig)})
+    correct, calls = torch.ones(1, 4, dtype=torch.bool), torch.tensor([[0, 1, 2, 3]])
+    scores = {"correct": correct, "format": correct, "tool_calls": calls}
+    trained_terms = advantages(scores, config)
+    trained, tool = trained_terms["acc"], trained_terms.get("tool", torch.zeros(1, 4))
+    assert list(trained_terms) == ["acc"]  # otc's entry trains the accuracy term only: no tool advantages computed
+    r_acc = accuracy_rewards(correct, correct)
+    torch.testing.assert_close(trained, otc_advantages(r_acc, correct, calls, 2.0))
+    assert not torch.allclose(trained, otc_advantages(r_acc, correct, calls, 1.0))
+    assert torch.equal(grpo_advantages(r_acc), torch.zeros(1, 4)) and not torch.allclose(trained, torch.zeros(1, 4))
+    assert trained[0].tolist() == sorted(trained[0].tolist(), reverse=True) and not tool.any()

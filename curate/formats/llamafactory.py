@@ -25,7 +25,7 @@ from typing import Any
 
 from curate import storage
 from curate.errors import UserError
-from curate.formats import Format, MalformedRow, check_suffix, decode_record, records, register_format
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, records
 from curate.formats.deepeyes import DEEPEYES_SPEC, DeepEyesFormat
 from curate.formats.spec import SpecFormat
 from curate.sample import Sample
@@ -76,7 +76,6 @@ def _entry_format(dataset: str, columns_json: str, tags_json: str) -> SpecFormat
     return SpecFormat(spec)
 
 
-@register_format
 class LlamaFactoryFormat(Format):
     name = "llamafactory"
     description = "a LLaMA-Factory dataset_info.json: the sharegpt files it registers, with their mappings"

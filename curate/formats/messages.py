@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object, register_format
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object
 from curate.formats.common import (
     ImageCounter,
     data_uri,
@@ -34,6 +33,7 @@ from curate.formats.common import (
     encode_answer,
     ordered_images,
     row_id,
+    write_parquet_rows,
 )
 from curate.formats.inline import inline_tool_row, parse_arguments, text_to_parts
 from curate.sample import ROLES, Image, ImagePart, Message, Part, Sample, TextPart, ToolCall
@@ -67,7 +67,6 @@ SFT_SCHEMA = pa.schema(
 )
 
 
-@register_format
 class MessagesFormat(Format):
     name = "messages"
     description = "generic OpenAI/HF messages (JSONL or parquet); the SFT shard layout"
@@ -107,9 +106,7 @@ class MessagesFormat(Format):
                 for count, sample in enumerate(samples, start=1):
                     handle.write(json.dumps(to_row(sample, inline_images=True), ensure_ascii=False) + "\n")
             return count
-        rows = [to_row(sample, inline_images=False) for sample in samples]
-        pq.write_table(pa.Table.from_pylist(rows, schema=SFT_SCHEMA), path)
-        return len(rows)
+        return write_parquet_rows((to_row(sample, inline_images=False) for sample in samples), SFT_SCHEMA, path)
 
 
 def parse_message(raw: Any, index: int, counter: ImageCounter, images: list[Image], base_dir: Path) -> Message:

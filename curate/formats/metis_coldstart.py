@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.formats import Format, MalformedRow, check_suffix, decode_record, register_format
+from curate.formats import Format, MalformedRow, check_suffix, decode_record
 from curate.formats.chat import parse_chat, render_chat
 from curate.formats.common import decode_answer, decode_images, encode_answer, encode_base64, row_id, write_json_rows
 from curate.formats.inline import link_calls, render_tool_call_json, render_tool_response, unwrap_observation
@@ -41,7 +41,6 @@ SCHEMA = pa.schema(
 )
 
 
-@register_format
 class MetisColdStartFormat(Format):
     name = "metis_coldstart"
     description = "Metis-ColdStart SFT parquet/JSONL (messages as JSON text, base64 images)"

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from curate.formats import register_format
 from curate.formats.spec import InlineSpec, SpecFormat
 
 
-@register_format
 class MiniO3Format(SpecFormat):
     name = "minio3"
     description = "Mini-o3 cold-start rows (Python-literal conversations, <grounding> crop calls)"

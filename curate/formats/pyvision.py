@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from curate.formats import register_format
 from curate.formats.inline import turns_mention
 from curate.formats.spec import InlineSpec, ObservationSpec, SpecFormat
 
 
-@register_format
 class PyVisionFormat(SpecFormat):
     name = "pyvision"
     description = "PyVision chat results (<code> blocks, <interpreter> user turns, image_clue_i variables)"

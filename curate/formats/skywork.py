@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from curate.formats import register_format
 from curate.formats.spec import InlineSpec, ObservationSpec, SpecFormat
 
 
-@register_format
 class SkyworkR1V4Format(SpecFormat):
     name = "skywork_r1v4"
     description = "Skywork-R1V4 rows (one full_response: <tool_call> 'code' calls, <observation> JSON)"

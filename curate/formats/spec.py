@@ -78,9 +78,10 @@ def tag_name(tag: str) -> str:
 
 class CallSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    tag: str
-    body: Literal["python", "json", "arguments"] = "python"
-    tool: str = ""  # with body: arguments, the canonical name of the tool
+    tag: str = Field(description="the tag written around a call in assistant text: `code` for <code>...</code>")
+    body: Literal["python", "json", "arguments"] = Field(
+        default="python", description="python: fenced or bare code; json: {name, arguments}; arguments: one tool's")
+    tool: str = Field(default="", description="with body: arguments, the canonical name of the tool it calls")
 
     @field_validator("tag")
     @classmethod
@@ -96,10 +97,13 @@ class CallSpec(BaseModel):
 
 class ObservationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    role: Literal["user", "tool", "assistant"] = "user"
-    tags: list[str] = Field(default_factory=list)
-    code_result: bool = False
-    json_key: str = ""
+    role: Literal["user", "tool", "assistant"] = Field(
+        default="user", description="user: the turn after a call (tool turns read too); tool; assistant: inline in "
+                                    "the assistant text, cut at each tagged observation")
+    tags: list[str] = Field(default_factory=list, description="removed from observations on reading; the first is "
+                                                              "written around them")
+    code_result: bool = Field(default=False, description="read and write DeepEyesV2's 'Code execution result' blocks")
+    json_key: str = Field(default="", description="an observation written as a JSON object: the key of its text")
 
     @field_validator("tags")
     @classmethod
@@ -109,24 +113,37 @@ class ObservationSpec(BaseModel):
 
 class InlineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    source: str = "inline"
-    layout: Literal["chat", "response"] = "chat"
-    messages: str = "messages"
-    messages_encoding: Literal["list", "json", "python"] = "list"
-    role_key: str = "role"
-    content_key: str = "content"
-    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(default_factory=dict)
-    question: str = "question"
-    response: str = "response"  # a dotted path reaches into an object: response.full_response
-    images: list[str] = Field(default_factory=lambda: ["images"])  # tried in order; none: images in content parts
-    answer: list[str] = Field(default_factory=lambda: ["answer"])  # tried in order; written to the last
-    answer_tag: str = ""  # when no answer column is present: the last <answer_tag>...</answer_tag>
+    source: str = Field(default="inline", description="the samples' source when a row has none")
+    layout: Literal["chat", "response"] = Field(
+        default="chat", description="chat: a list of turns; response: a question and one response string")
+    messages: str = Field(default="messages", description="the turns' column: a list, or JSON / Python-literal text")
+    messages_encoding: Literal["list", "json", "python"] = Field(
+        default="list", description="how the writer stores the turns")
+    role_key: str = Field(default="role", description="a turn's role key")
+    content_key: str = Field(default="content", description="a turn's content key: text with <image> placeholders, "
+                                                             "or OpenAI part lists")
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict, description="the layout's role names -> canonical roles")
+    question: str = Field(default="question", description="layout response: the question's column")
+    # A dotted path reaches into an object: response.full_response.
+    response: str = Field(default="response", description="layout response: the response's column (a dotted path "
+                                                          "if nested)")
+    images: list[str] = Field(default_factory=lambda: ["images"],
+                              description="image columns tried in order ([]: images only in content parts)")
+    answer: list[str] = Field(default_factory=lambda: ["answer"],
+                              description="answer columns tried in order (written to the last)")
+    answer_tag: str = Field(default="", description="when no answer column is present: the last "
+                                                    "<answer_tag>...</answer_tag> of the assistant text")
     calls: list[CallSpec] = Field(default_factory=lambda: [CallSpec(tag="code"),
-                                                           CallSpec(tag="tool_call", body="json")])
-    tool_names: dict[str, str] = Field(default_factory=dict)
-    observation: ObservationSpec = Field(default_factory=ObservationSpec)
-    image_variable: str = CANONICAL_IMAGE_VARIABLE
-    image_first_index: int = 1
+                                                           CallSpec(tag="tool_call", body="json")],
+                                  description="how calls are written in assistant text (keys: tag, body, tool)")
+    tool_names: dict[str, str] = Field(default_factory=dict, description="the layout's tool names -> canonical ones")
+    observation: ObservationSpec = Field(default_factory=ObservationSpec,
+                                         description="where tool results are (keys: role, tags, code_result, "
+                                                     "json_key)")
+    image_variable: str = Field(default=CANONICAL_IMAGE_VARIABLE,
+                                description="how code names the preloaded images")
+    image_first_index: int = Field(default=1, description="the index of the first preloaded image's variable")
 
     @field_validator("answer_tag")
     @classmethod

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from curate.formats import register_format
 from curate.formats.inline import turns_mention
 from curate.formats.spec import InlineSpec, ObservationSpec, SpecFormat
 
 
-@register_format
 class ThymeFormat(SpecFormat):
     name = "thyme"
     description = "Thyme SFT rows (question + one response with inline <code> and <sandbox_output>)"

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object, register_format
-from curate.formats.common import ImageCounter, decode_images, encode_answer, ordered_images
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object
+from curate.formats.common import ImageCounter, decode_images, encode_answer, ordered_images, write_parquet_rows
 from curate.formats.inline import parts_to_text
 from curate.formats.messages import parse_content
 from curate.sample import ROLES, Image, ImagePart, Message, Sample, content_id
@@ -62,7 +61,6 @@ RL_SCHEMA = pa.schema(
 )
 
 
-@register_format
 class VerlFormat(Format):
     name = "verl"
     description = "verl RL parquet (Metis-RL schema); the RL shard layout"
@@ -98,9 +96,7 @@ class VerlFormat(Format):
 
     def write(self, samples: Iterable[Sample], path: Path) -> int:
         check_suffix(path, self.name, (".parquet",))
-        rows = [to_rl_row(sample) for sample in samples]
-        pq.write_table(pa.Table.from_pylist(rows, schema=RL_SCHEMA), path)
-        return len(rows)
+        return write_parquet_rows((to_rl_row(sample) for sample in samples), RL_SCHEMA, path)
 
 
 def _prompt_turn(turn: Any, index: int, counter: ImageCounter, images: list[Image], base_dir: Path) -> Message:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from curate.formats import register_format
 from curate.formats.inline import turns_mention
 from curate.formats.spec import InlineSpec, ObservationSpec, SpecFormat
 
 
-@register_format
 class VThinkerFormat(SpecFormat):
     name = "vthinker"
     description = "V-Thinker / V-Interaction chat rows (<code> blocks, <sandbox_output> inline in the assistant text)"

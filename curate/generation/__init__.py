@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib
 import importlib.metadata
 import io
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import Any, Protocol
 from PIL import Image as PILImage
 
 from curate.cache import Cache, cache_key
-from curate.errors import UserError
+from curate.registry import Registry
 from curate.sample import Image, ImagePart, Message, TextPart
 
 
@@ -121,11 +120,11 @@ class BackendSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-BACKENDS = {
+BACKENDS: Registry[Generator] = Registry("generation backend", {
     "transformers": "curate.generation.hf:TransformersGenerator",
     "vllm": "curate.generation.vllm:VLLMGenerator",
     "openai": "curate.generation.openai:OpenAIGenerator",
-}
+}, "curate.generation_backends")
 
 
 def installed_vllm() -> str | None:
@@ -141,11 +140,36 @@ def installed_vllm() -> str | None:
 
 
 def make_generator(spec: BackendSpec) -> Generator:
-    if spec.backend not in BACKENDS:
-        raise UserError(f"unknown generation backend {spec.backend!r}: use one of {', '.join(BACKENDS)}")
-    module_name, class_name = BACKENDS[spec.backend].split(":")
-    generator_class = getattr(importlib.import_module(module_name), class_name)
-    return generator_class(spec.model, **spec.options)
+    return BACKENDS.load(spec.backend)(spec.model, **spec.options)
+
+
+class LazyGenerator:
+    """A backend built at its first generation: a run whose answers are all cached (a rerun, a resume, a shared
+    cache) loads no model, starts no engine and opens no client. Its `backend` and `model` are the spec's, which
+    are what the built generator would put in cache keys."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.backend, self.model = spec.backend, spec.model
+        self._built: Generator | None = None
+
+    @property
+    def built(self) -> Generator | None:
+        """The backend, once a cache miss has built it."""
+        return self._built
+
+    @property
+    def calls(self) -> int:
+        return self._built.calls if self._built is not None else 0
+
+    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
+        if self._built is None:
+            self._built = make_generator(self.spec)
+        return self._built.generate(prompts, n, params)
+
+    def close(self) -> None:
+        if self._built is not None:
+            self._built.close()
 
 
 def generate_cached(generator: Generator, cache: Cache, prompts: Sequence[Prompt], n: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,12 +30,17 @@ class LoadedModel:
     device: str
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(model: str, device: str = "auto", dtype: str = "auto", weights: bool = True) -> LoadedModel:
     """Any causal LM, or a vision-language model with its processor, as transformers loads it (GGUF files
-    and `smollm2-135m` through `curate.models`). The tokenizer pads on the left, as generation needs."""
+    and `smollm2-135m` through `curate.models`), or a checkpoint of `curate train` (`curate.train.checkpoint`).
+    The tokenizer pads on the left, as generation needs. Without `weights`, the model's parameters are on the meta
+    device (no memory) and its buffers real: the caller shards it, then `materialise`s what each process keeps."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from curate.train.checkpoint import is_sharded_checkpoint, read_weights  # curate.train loads models with this
+
     path = resolve_model(model)
+    trained = is_sharded_checkpoint(Path(path))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     torch_dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -46,8 +52,38 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
         tokenizer.pad_token = tokenizer.eos_token
     vision_config = getattr(AutoConfig.from_pretrained(path), "vision_config", None)
     model_class = AutoModelForImageTextToText if vision and vision_config else AutoModelForCausalLM
-    net = model_class.from_pretrained(path, dtype=torch_dtype).to(device)
-    return LoadedModel(net, processor, tokenizer, vision, device)
+    if weights and not trained:
+        net = model_class.from_pretrained(path, dtype=torch_dtype).to(device)
+        return LoadedModel(net, processor, tokenizer, vision, device)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # buffers are computed at construction (rotary frequencies)
+        net = model_class.from_config(AutoConfig.from_pretrained(path), dtype=torch_dtype)
+    net.tie_weights()  # as from_pretrained does: a head sharing the embedding's weight is one parameter
+    loaded = LoadedModel(net, processor, tokenizer, vision, device)
+    if weights:  # a checkpoint of `curate train`, read whole in this process
+        materialise(net, device)
+        read_weights(Path(path), net, whole=True)
+    return loaded
+
+
+def materialise(net: torch.nn.Module, device: str) -> None:
+    """Allocate the meta parameters of a model loaded without weights on `device`, uninitialised (each process only
+    its shards once sharded), keeping its buffers' values and its tied parameters tied."""
+    buffers = {name: buffer.to(device) for name, buffer in net.named_buffers()}
+    first: dict[int, tuple[torch.nn.Module, str]] = {}  # where each parameter object is first met
+    tied = []
+    for module in net.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in first:
+                tied.append((module, name, first[id(parameter)]))
+            else:
+                first[id(parameter)] = (module, name)
+    net.to_empty(device=device)  # allocates each module's parameters apart, shared or not
+    for module, name, (owner, owner_name) in tied:
+        setattr(module, name, getattr(owner, owner_name))
+    for name, value in buffers.items():
+        net.get_buffer(name).copy_(value)
 
 
 def cache_keyword(net: Any) -> str:

@@ -1,18 +1,21 @@
-"""Generation through any OpenAI-compatible `/v1/chat/completions` server (`vllm serve`, SGLang, hosted APIs).
+"""The one client of OpenAI-compatible `/v1/chat/completions` servers (`vllm serve`, SGLang, hosted APIs), and
+generation through it.
 
-Prompts go out concurrently, at most `concurrency` at a time, each asking for all n completions in one
-request; a server that returns fewer choices (some ignore `n`) is asked again for the rest, with the seed
-moved on so the extra samples differ. Rate limits (429), server errors (5xx), dropped connections,
-timeouts and unreadable answers are retried with exponential backoff and jitter, honouring `Retry-After`;
-any other 4xx fails at once. The API key is read from an environment variable and never reported.
+`ChatClient` makes one POST per call and classifies what comes back, for `curate.retry`'s policy: rate
+limits (429), server errors (5xx), dropped connections, timeouts and bodies that are not a completion are
+`TransientError` (with `Retry-After`); any other 4xx is `ChatRejected` at once. The API key is read from an
+environment variable, sent as a bearer token, and masked in every message. The `openai` judge backend
+(`curate.judges.openai_chat`) uses the same client.
+
+`OpenAIGenerator` sends prompts concurrently, at most `concurrency` at a time, each asking for all n
+completions in one request; a server that returns fewer choices (some ignore `n`) is asked again for the
+rest, with the seed moved on so the extra samples differ.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
@@ -22,17 +25,64 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from curate.generation import Prompt, SamplingParams
+from curate.retry import RetryPolicy, TransientError, masked, retry, retry_after_seconds
 
 
-def chat_endpoint(base_url: str, api_key_env: str, pool_size: int = 10) -> tuple[str, requests.Session, str]:
-    """(chat-completions URL, a session sending the key from `api_key_env` when it is set, the key)."""
-    key = os.environ.get(api_key_env, "")
-    session = requests.Session()
-    for scheme in ("http://", "https://"):
-        session.mount(scheme, HTTPAdapter(pool_maxsize=pool_size))
-    if key:
-        session.headers["Authorization"] = f"Bearer {key}"
-    return base_url.rstrip("/") + "/chat/completions", session, key
+class ChatRejected(RuntimeError):
+    """The server refused the request itself (a 4xx other than 429): retrying cannot help."""
+
+    def __init__(self, message: str, status: int = 0, text: str = "") -> None:
+        super().__init__(message, status, text)
+        self.status, self.text = status, text
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ChatClient:
+    """One OpenAI-compatible chat-completions endpoint: one POST per `post`, failures classified, the key masked."""
+
+    def __init__(self, base_url: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 pool_size: int = 10) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.timeout = timeout
+        self._key = os.environ.get(api_key_env, "").strip()
+        self._session = requests.Session()
+        for scheme in ("http://", "https://"):
+            self._session.mount(scheme, HTTPAdapter(pool_maxsize=pool_size))
+        if self._key:
+            self._session.headers["Authorization"] = f"Bearer {self._key}"
+
+    def __repr__(self) -> str:
+        return f"ChatClient(url={self.url!r})"
+
+    def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The completion object the server answered: TransientError or ChatRejected otherwise."""
+        try:
+            response = self._session.post(self.url, json=body, timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as error:
+            raise TransientError(self.line(f"{type(error).__name__}: {error}")) from None
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise TransientError(self.line(f"HTTP {status}: {response.text[:200]}"),
+                                 retry_after_seconds(response.headers.get("Retry-After")))
+        if not response.ok:
+            text = self.line(response.text[:200])
+            raise ChatRejected(self.line(f"POST {self.url} failed: HTTP {status}: {text}"), status, text)
+        try:
+            completion = response.json()
+            if isinstance(completion["choices"], list) and completion["choices"]:
+                return completion
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise TransientError(self.line(f"HTTP {status} without choices: {response.text[:200]}"))
+
+    def line(self, text: str) -> str:
+        """`text` as one line, the API key masked (a server or proxy may echo it)."""
+        return masked(text, self._key, f"Bearer {self._key}" if self._key else "")
+
+    def close(self) -> None:
+        self._session.close()
 
 
 class OpenAIGenerator:
@@ -44,11 +94,10 @@ class OpenAIGenerator:
                  concurrency: int = 8, max_retries: int = 5, timeout: float = 120.0, backoff: float = 1.0,
                  send_images: bool = True) -> None:
         self.model = model
-        self.url, self._session, self._key = chat_endpoint(base_url, api_key_env, pool_size=concurrency)
+        self.client = ChatClient(base_url, api_key_env, timeout, pool_size=concurrency)
+        self.url = self.client.url
         self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.timeout = timeout
-        self.backoff = backoff
+        self.policy = RetryPolicy(max_retries, backoff)
         self.send_images = send_images
         self.calls = 0  # prompts sent, once each whatever the retries
         self.requests = 0  # HTTP requests made, retries included
@@ -66,7 +115,7 @@ class OpenAIGenerator:
             pool.shutdown(cancel_futures=True)
 
     def close(self) -> None:
-        self._session.close()
+        self.client.close()
 
     def _complete(self, prompt: Prompt, n: int, params: SamplingParams) -> list[str]:
         """n completions of one prompt, asking again while the server returns fewer."""
@@ -83,48 +132,20 @@ class OpenAIGenerator:
         return completions[:n]
 
     def _post(self, body: dict[str, Any]) -> list[str]:
-        """The completions of one request, retried on transient failures; RuntimeError when they persist."""
-        for attempt in range(self.max_retries + 1):
+        """The completions of one request, retried on transient failures; TransientFailure when they persist."""
+
+        def attempt() -> list[str]:
             with self._lock:
                 self.requests += 1
-            retry_after = None
-            try:
-                response = self._session.post(self.url, json=body, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as error:
-                status, text = type(error).__name__, str(error)
-            else:
-                contents = _contents(response) if response.ok else None
-                if contents is not None:
-                    return contents
-                status = f"HTTP {response.status_code}" + (" without choices" if response.ok else "")
-                text = response.text
-                if response.status_code != 429 and 400 <= response.status_code < 500:
-                    raise RuntimeError(self._message("failed", status, text))
-                retry_after = retry_after_seconds(response)
-            if attempt < self.max_retries:
-                delay = self.backoff * 2**attempt if retry_after is None else retry_after
-                time.sleep(delay + random.uniform(0, self.backoff))
-        attempts = self.max_retries + 1
-        raise RuntimeError(self._message(f"failed after {attempts} attempt{'s' * (attempts > 1)}", status, text))
+            return _contents(self.client.post(body), self.client)
 
-    def _message(self, what: str, status: str, text: str) -> str:
-        """A one-line error: the URL, the status and the start of the response text, the API key masked."""
-        message = f"POST {self.url} {what}: {status}: {' '.join(text[:200].split())}"
-        return message.replace(self._key, "***") if self._key else message
+        return retry(attempt, self.policy, f"POST {self.url}")
 
 
-def _contents(response: requests.Response) -> list[str] | None:
-    """The message contents of the choices, in index order; None when the body is not a completion."""
+def _contents(completion: dict[str, Any], client: ChatClient) -> list[str]:
+    """The message contents of the choices, in index order."""
     try:
-        choices = sorted(response.json()["choices"], key=lambda choice: choice["index"])
-        return [choice["message"]["content"] or "" for choice in choices] or None
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def retry_after_seconds(response: requests.Response) -> float | None:
-    """The server's `Retry-After` in seconds, None when absent or given as a date."""
-    try:
-        return max(0.0, float(response.headers["Retry-After"]))
-    except (KeyError, ValueError):
-        return None
+        choices = sorted(completion["choices"], key=lambda choice: choice.get("index", 0))
+        return [choice["message"]["content"] or "" for choice in choices]
+    except (KeyError, TypeError, AttributeError):
+        raise TransientError(client.line(f"not a chat completion: {str(completion)[:200]}")) from None

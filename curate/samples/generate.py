@@ -45,6 +45,30 @@ COPYABLE_WORDS = ["piano", "lemon"]
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "garden", "silver", "candle", "forest"]
 ITEMS = ["milk", "bread", "eggs", "coffee", "rice", "tea", "soap", "jam", "salt", "oil"]
 LANDMARKS = {"tower": ("Gustave Eiffel's company", "Eiffel Tower"), "arch": ("Jean Chalgrin", "Arc de Triomphe")}
+# A context sentence before each question (drawn from the row's id, so the images and answers do not move) makes
+# the sample's questions distinct, as real ones are: text_dedup must reject only the planted near-duplicates.
+PEOPLE = ["Amira", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena", "Mateo",
+          "Nadia", "Oskar", "Priya", "Quinn", "Rosa", "Sami", "Tariq", "Uma", "Viktor", "Wanjiru", "Yusuf", "Zofia"]
+CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hanoi", "Dakar", "Oslo", "Perth", "Lima", "Accra", "Porto",
+          "Kyoto", "Tunis", "Cusco", "Bergen", "Malmo", "Recife", "Izmir", "Gdansk"]
+VERBS = ["photographed", "scanned", "kept", "found", "received", "copied", "saved", "posted", "printed", "borrowed"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+PLACES = ["harbour", "old mill", "bus depot", "library steps", "night market", "ferry pier", "bakery", "stadium",
+          "museum cafe", "flower stall", "town hall", "ice rink", "bike shop", "hostel lobby", "chess club",
+          "laundromat", "pharmacy", "tram stop", "bookshop", "swimming pool"]
+WISHES = ["is curious", "wants to check", "asks carefully", "needs a quick answer", "would like help",
+          "is puzzled", "double-checks", "asks a friend", "wonders", "keeps notes"]
+
+
+def with_context(sample_id: str, question: str) -> str:
+    """`question` after a context sentence drawn from the sample id (its own generator: the row's images and
+    answers come from the main one and stay as they were)."""
+    rng = random.Random(f"context:{sample_id}")
+    context = (f"{rng.choice(PEOPLE)} from {rng.choice(CITIES)} {rng.choice(VERBS)} this on {rng.choice(DAYS)}"
+               f" {rng.randrange(1, 29)} {rng.choice(MONTHS)} near the {rng.choice(PLACES)} and {rng.choice(WISHES)}.")
+    return f"{context} {question}"
 
 
 # --- images -------------------------------------------------------------------------------
@@ -229,14 +253,16 @@ TASKS: list[Callable[[random.Random], Task]] = [bar_task, receipt_task, shapes_t
 
 
 def tool_trajectory(sample_id: str, task: Task, code: str | None = None, observation: tuple[str, list[Image]] | None = None,
-                    final: str | None = None) -> Sample:
-    """question -> reasoning + python call -> observation (real unless given) -> answer."""
+                    final: str | None = None, context: bool = True) -> Sample:
+    """question (after a context sentence unless `context` is False) -> reasoning + python call -> observation
+    (real unless given) -> answer."""
     code = task.code if code is None else code
+    question = with_context(sample_id, task.question) if context else task.question
     stdout, produced = observation if observation is not None else run_python(code, task.images)
     images = list(task.images) + produced
     shown = [ImagePart(len(task.images) + k) for k in range(len(produced))]
     messages = [
-        Message("user", [ImagePart(k) for k in range(len(task.images))] + text(task.question)),
+        Message("user", [ImagePart(k) for k in range(len(task.images))] + text(question)),
         Message("assistant", text(f"<think>{task.reasoning}</think>\n"), [ToolCall("python", {"code": code}, "call_0")]),
         Message("tool", text(stdout) + shown, tool_call_id="call_0"),
     ]
@@ -251,7 +277,7 @@ def search_trajectory(sample_id: str, rng: random.Random) -> Sample:
     kind = rng.choice(list(LANDMARKS))
     designer, name = LANDMARKS[kind]
     messages = [
-        Message("user", [ImagePart(0)] + text("Who designed the landmark on this postcard?")),
+        Message("user", [ImagePart(0)] + text(with_context(sample_id, "Who designed the landmark on this postcard?"))),
         Message("assistant", text("<think>I recognise the shape but should confirm the designer.</think>\n"),
                 [ToolCall("search", {"query": f"{name} designer"}, "call_0")]),
         Message("tool", text(f"{name}: designed and built by {designer}."), tool_call_id="call_0"),
@@ -294,7 +320,7 @@ def _trivial(sample_id: str, rng: random.Random, _: Sample | None) -> Sample:
     word = rng.choice(COPYABLE_WORDS)
     task = Task(f"Repeat the word: {word}. Answer with the word only.", [to_png(draw_shapes(rng))], f"print({word!r})", word,
                 "I will print the word to be sure.")
-    return tool_trajectory(sample_id, task)
+    return tool_trajectory(sample_id, task, context=False)  # the local probe model copies this exact wording
 
 
 def _pointless(sample_id: str, rng: random.Random, _: Sample | None) -> Sample:
@@ -316,7 +342,8 @@ def _duplicate(sample_id: str, rng: random.Random, earlier: Sample | None) -> Sa
     original = PILImage.open(io.BytesIO(earlier.images[0].data)).convert("RGB")
     near_copy = to_jpeg(original.resize((original.width - 6, original.height - 4)), quality=70)  # resized, recompressed
     sample = search_trajectory(sample_id, rng) if earlier.messages[1].tool_calls[0].name == "search" else tool_trajectory(
-        sample_id, Task(earlier.question, [near_copy], "print(image_1.size)", str(earlier.answer), "Let me check the size."))
+        sample_id, Task(earlier.question, [near_copy], "print(image_1.size)", str(earlier.answer),
+                        "Let me check the size."), context=False)
     return _with_image(sample, 0, near_copy)
 
 
@@ -370,7 +397,9 @@ def generate_sft(n: int, seed: int, defect_every: int = 8, defect_offset: int = 
 # --- RL prompts ------------------------------------------------------------------------------
 
 
-def rl_prompt(sample_id: str, question: str, image: Image, answer: str | None, ability: str) -> Sample:
+def rl_prompt(sample_id: str, question: str, image: Image, answer: str | None, ability: str,
+              context: bool = True) -> Sample:
+    question = with_context(sample_id, question) if context else question
     messages = [Message("system", text(METIS_SYSTEM_PROMPT)), Message("user", [ImagePart(0), TextPart("\n" + question)])]
     meta = {"verl": {"ability": ability, "reward_style": "rule", "extra_info": {"question": question}}}
     return Sample(sample_id, "curate-sample", messages, [image], answer, meta)
@@ -383,7 +412,8 @@ def _rl_from_task(sample_id: str, rng: random.Random) -> Sample:
 
 def _too_easy(sample_id: str, rng: random.Random, _: Sample) -> Sample:
     word = rng.choice(COPYABLE_WORDS)
-    return rl_prompt(sample_id, f"Repeat the word: {word}. Answer with the word only.", to_png(draw_shapes(rng)), word, "reasoning")
+    return rl_prompt(sample_id, f"Repeat the word: {word}. Answer with the word only.", to_png(draw_shapes(rng)), word,
+                     "reasoning", context=False)  # the local probe model copies this exact wording
 
 
 def _too_hard(sample_id: str, rng: random.Random, _: Sample) -> Sample:
@@ -424,6 +454,104 @@ def generate_rl(n: int, seed: int, defect_every: int = 6) -> Iterator[tuple[Samp
         yield earlier, None
 
 
+# --- planted near-duplicate questions and evaluation-set contamination --------------------------
+
+SYNONYMS = {"total": "overall", "amount": "sum", "difference": "gap", "image": "picture", "shortest": "lowest",
+            "tallest": "highest", "written": "printed", "fraction": "share", "designed": "created", "word": "text",
+            "question": "query", "wants": "would like", "careful": "precise", "quick": "fast", "help": "advice"}
+PARAPHRASES: list[Callable[[str], str]] = [
+    lambda q: q.replace("What is", "What's").replace("what is", "what's"),
+    lambda q: q.lower(),
+    lambda q: q.rstrip("?.") + " ?",
+    lambda q: "Question: " + q,
+    lambda q: q.replace(" the ", " the  ", 1).replace(". ", ".\n", 1),
+    lambda q: q.replace(" this ", " the ", 1),
+    lambda q: q.replace("?", "? Please answer.", 1) if "?" in q else q + " Please answer.",
+    lambda q: next((q.replace(word, other, 1) for word, other in SYNONYMS.items() if word in q), q + " Thanks."),
+]
+
+
+def paraphrase(question: str, rng: random.Random, edits: int = 2) -> str:
+    """`question` with `edits` paraphrase-level edits (a synonym, a contraction, case, punctuation, a filler)."""
+    for edit in rng.sample(PARAPHRASES, edits):
+        question = edit(question)
+    return question
+
+
+EVAL_FILE = "eval/mini_bench.parquet"
+EVAL_TOPICS = ["bar chart of monthly rainfall", "receipt from a hardware store", "street photo with a green sign",
+               "scatter of dark circles", "bar chart of exam scores", "receipt from a late night diner",
+               "postcard of a famous monument", "photo of a cluttered shop front", "line plot of ticket sales"]
+EVAL_ASKS = ["which value is the largest and by how much does it exceed the smallest one shown",
+             "what is the exact sum of every number that appears anywhere in the figure",
+             "how many distinct coloured regions can be counted without including the background",
+             "which label is printed closest to the top left corner of the whole image"]
+
+
+def eval_items(count: int = 16, seed: int = 1000) -> list[dict]:
+    """A small evaluation set in the layout of the Hub's visual benchmarks: id, question, image {bytes, path},
+    answer. The recipes decontaminate against it; the sample carries rows copied from it."""
+    rng = random.Random(seed)
+    # Charts and street signs: receipts and shape fields look alike to a perceptual hash at small sizes.
+    drawers = [lambda: draw_bar_chart(rng, {k: rng.randrange(12, 100) for k in "ABCD"}),
+               lambda: draw_sign(rng, rng.choice(WORDS))]
+    items = []
+    for k in range(count):
+        image = to_png(drawers[k % len(drawers)]())
+        question = (f"Looking carefully at the {EVAL_TOPICS[k % len(EVAL_TOPICS)]} in item {k}, "
+                    f"{EVAL_ASKS[k % len(EVAL_ASKS)]}?")
+        items.append({"id": f"mb-{k:03d}", "question": question,
+                      "image": {"bytes": image.data, "path": f"mb-{k:03d}.png"}, "answer": str(rng.randrange(100))})
+    return items
+
+
+def _fresh_task(rng: random.Random) -> Task:
+    return rng.choice([bar_task, receipt_task, sign_task])(rng)
+
+
+def planted_near_duplicate(sample_id: str, rng: random.Random, earlier: Sample, kind: str) -> Sample:
+    """`earlier`'s question, paraphrased, about a new picture: only text_dedup sees the copy."""
+    task = _fresh_task(rng)
+    question = paraphrase(earlier.question, rng)
+    if kind == "rl":
+        return rl_prompt(sample_id, question, task.images[0], task.answer, "perception", context=False)
+    return tool_trajectory(sample_id, Task(question, task.images, task.code, task.answer, task.reasoning),
+                           context=False)
+
+
+def planted_contamination(sample_id: str, rng: random.Random, item: dict, by: str, kind: str) -> Sample:
+    """A row copied from the evaluation set: its question (after a context sentence) with a new picture, or its
+    picture (recompressed) with a new question."""
+    task = _fresh_task(rng)
+    if by == "question":
+        question, image = item["question"], task.images[0]
+    else:
+        question = task.question
+        image = to_jpeg(PILImage.open(io.BytesIO(item["image"]["bytes"])), 85)
+    if kind == "rl":
+        return rl_prompt(sample_id, question, image, task.answer, "perception")
+    return tool_trajectory(sample_id, Task(question, [image], "print(image_1.size)", task.answer, "Let me look."))
+
+
+NEAR_DUPLICATE = {"kind": "near_duplicate_question", "stage": "text_dedup", "reason": "near_duplicate_text"}
+CONTAMINATED = {"stage": "decontaminate", "reason": "contaminated"}
+
+
+def _planted_rows(prefix: str, first_index: int, originals: list[Sample], items: list[dict], near: int,
+                  contaminated: list[tuple[int, str]], kind: str, seed: int) -> list[tuple[Sample, dict]]:
+    """Near-duplicates of `originals` (one each, up to `near`) and copies of evaluation items (index, by)."""
+    rng = random.Random(seed)
+    rows: list[tuple[Sample, dict]] = []
+    for original in originals[:near]:
+        sample_id = f"{prefix}-{first_index + len(rows):05d}"
+        rows.append((planted_near_duplicate(sample_id, rng, original, kind), dict(NEAR_DUPLICATE)))
+    for item, by in contaminated:
+        sample_id = f"{prefix}-{first_index + len(rows):05d}"
+        rows.append((planted_contamination(sample_id, rng, items[item], by, kind),
+                     {"kind": f"eval_{by}", **CONTAMINATED}))
+    return rows
+
+
 # --- files ---------------------------------------------------------------------------------
 
 SFT_FILES = [("sft_messages.jsonl", "messages", 64), ("sft_metis.parquet", "metis_coldstart", 48),
@@ -435,14 +563,26 @@ def write_sample_data(out_dir: Path, seed: int = 0) -> dict:
     """The bundled sample: four SFT files in four source formats, one RL file, malformed rows, EXPECTED.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     expected: dict = {"defects": {}, "malformed": {}}
+    items = eval_items(seed=seed + 1000)
+    (out_dir / EVAL_FILE).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(items), out_dir / EVAL_FILE)
     offset = 0
+    clean: list[Sample] = []  # rows without a planted defect, which the planted near-duplicates copy
     for file_index, (name, fmt, rows) in enumerate(SFT_FILES):
         pairs = list(generate_sft(rows, seed + file_index, defect_offset=offset, id_prefix=f"sft{file_index}"))
         offset += sum(1 for _, e in pairs if e)
+        clean += [s for s, e in pairs if e is None]
+        if file_index == 0:  # two near-duplicates within the file, two rows copied from the evaluation set
+            pairs += _planted_rows(f"sft{file_index}", rows, clean[3:20:8], items, 2, [(0, "question"), (5, "image")],
+                                   "sft", seed + 2000)
+        if name == "sft_thyme.jsonl":  # a near-duplicate of a question in another file
+            pairs += _planted_rows(f"sft{file_index}", rows, clean[30:31], items, 1, [], "sft", seed + 2001)
         get_format(fmt).write((s for s, _ in pairs), out_dir / name)
         expected["defects"].update({s.id: {**e, "file": name} for s, e in pairs if e})
     rl_name, rl_fmt, rl_rows = RL_FILE
     pairs = list(generate_rl(rl_rows, seed + 10))
+    pairs += _planted_rows("rl", rl_rows, [s for s, e in pairs if e is None][2:40:12], items, 3,
+                           [(1, "question"), (6, "image")], "rl", seed + 2010)
     get_format(rl_fmt).write((s for s, _ in pairs), out_dir / rl_name)
     expected["defects"].update({s.id: {**e, "file": rl_name} for s, e in pairs if e})
     expected["malformed"][SFT_FILES[0][0]] = _inject_malformed_jsonl(out_dir / SFT_FILES[0][0])

@@ -18,6 +18,12 @@ Isolation levels (`isolation.py` picks one and checks it before anything runs):
   whatever that uid may read (root-only files such as `~/.ssh` are not), and there is no PID namespace.
 No level lets a trajectory write outside its scratch directory. Both kill every process a trajectory
 leaves behind (the worker is a child subreaper).
+
+A watchdog guards each conversation with a worker: a worker that dies, or does not answer within the
+trajectory's `timeout` plus `worker_grace` seconds (wedged, stopped), is killed and replaced, and the
+trajectory runs once more on the fresh worker, since a worker's fault is not the row's. When the fresh
+worker fails it too, the trajectory's status is `unresponsive` or `crashed`, with a detail saying what
+happened, and the run goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +68,8 @@ class SandboxOptions(StageOptions):
     max_output_kb: int = Field(default=1024, gt=0, description="most text one call may print (stdout + stderr, KiB)")
     tmp_mb: int = Field(default=512, gt=0, description="size of each worker's private /tmp (MiB)")
     parallelism: int = Field(default=2, gt=0, description="warm workers, i.e. trajectories run at once")
+    worker_grace: float = Field(default=30.0, gt=0, description="seconds a worker may take beyond `timeout` to "
+                                                                 "answer before the watchdog kills and replaces it")
     isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$",
                            description="auto (= bwrap): a working bubblewrap, system or bundled, else stop; "
                                        "namespace: the weaker level, only when asked for")
@@ -78,7 +87,7 @@ class CellResult:
 @dataclass
 class TrajectoryResult:
     cells: list[CellResult]
-    status: str  # ok | timeout | killed | crashed | setup_failed
+    status: str  # ok | timeout | killed | crashed | setup_failed | unresponsive
     detail: str = ""
 
 
@@ -151,7 +160,7 @@ class Sandbox:
         }
         worker = self._free.get()
         try:
-            response = worker.ask(request, timeout=self.options.timeout + 30)
+            response = worker.ask(request, timeout=self.options.timeout + self.options.worker_grace)
         finally:
             self._free.put(worker)
         return TrajectoryResult(
@@ -211,32 +220,68 @@ class _Worker:
         self.process = self._start()
 
     def _start(self) -> subprocess.Popen[str]:
-        # stderr goes to a file: a pipe nobody reads would block a chatty worker.
+        # stderr goes to a file: a pipe nobody reads would block a chatty worker. Its own session, so that the
+        # watchdog can kill the worker with everything it started.
         log = tempfile.NamedTemporaryFile(prefix="worker-", suffix=".log", dir=self.logs, delete=False)
         process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                                   env=self.environment, cwd="/")
+                                   env=self.environment, cwd="/", start_new_session=True)
         ready = process.stdout.readline() if process.stdout else ""
         if not ready.startswith('{"ready"'):
-            process.kill()
-            process.wait()
+            _kill(process)
             why = (Path(log.name).read_text().strip().splitlines() or [ready.strip() or "no output"])[-1]
             raise UserError(f"the sandbox worker did not start ({why}); `curate doctor` checks the sandbox")
         return process
 
     def ask(self, request: dict, timeout: float) -> dict:
-        assert self.process.stdin and self.process.stdout
+        """The worker's answer to `request`; a worker that dies or does not answer within `timeout` seconds is
+        killed and replaced, and the request asked once more of the fresh worker."""
         with self.lock:
-            if self.process.poll() is not None:  # a worker that died is replaced, not trusted
+            for _ in range(2):
+                answer, lost = self._exchange(request, timeout)
+                if answer is not None:
+                    return answer
                 self.process = self._start()
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            line = self.process.stdout.readline()
-        if not line:
-            self.process.kill()
-            return {"cells": [], "status": "crashed", "detail": "the sandbox worker died"}
-        return json.loads(line)
+        status = "unresponsive" if "did not answer" in lost else "crashed"
+        return {"cells": [], "status": status, "detail": f"{lost}, twice: each worker was killed and replaced"}
+
+    def _exchange(self, request: dict, timeout: float) -> tuple[dict | None, str]:
+        """(the answer, "") or (None, what went wrong): the worker is then killed, for the caller to replace."""
+        process = self.process
+        assert process.stdin and process.stdout
+        if process.poll() is not None:  # died since its last answer: replaced, not trusted
+            self.process = process = self._start()
+            assert process.stdin and process.stdout
+        try:
+            process.stdin.write(json.dumps(request) + "\n")
+            process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            _kill(process)
+            return None, "the sandbox worker died"
+        lines: list[str] = []
+        # A thread reads, so that a worker that never writes (stopped, wedged) cannot block us past the deadline.
+        reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if reader.is_alive():
+            _kill(process)  # closes its end of the pipe: the reader returns
+            reader.join()
+            return None, f"the sandbox worker did not answer within {timeout:g} s"
+        if not lines or not lines[0]:
+            _kill(process)
+            return None, "the sandbox worker died"
+        return json.loads(lines[0]), ""
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        _kill(self.process)
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    """The worker and every process of its session, stopped ones too (SIGKILL needs no cooperation)."""
+    if process.returncode is None:  # not reaped yet, so its pid (and session) cannot have been reused
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if process.poll() is None:
+        process.kill()
+    process.wait()

@@ -1,21 +1,19 @@
 """From a Sample to sandbox cells and back: which calls are code, what files they see, what they did.
 
-The execution record is kept in `meta["sandbox"]` (keyed by a digest of the cells and inputs), so a
-second stage that needs the same execution (consistency after execution_failure) reuses it.
+The execution record is kept in the sample's `memo["sandbox"]` (keyed by a digest of the cells and inputs), so
+a second stage that needs the same execution (consistency after execution_failure) reuses it; being run-time
+memory (every cell's printed text), it never reaches a shard.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from dataclasses import dataclass
 from itertools import takewhile
 from typing import Any
 
-import imagehash
-from PIL import Image as PILImage
-
+from curate.images import image_hash
 from curate.sample import Message, Sample, ToolCall
 from curate.sandbox import Sandbox, SandboxOptions, TrajectoryResult, isolation_for
 from curate.stage import Stage, StageContext
@@ -84,7 +82,7 @@ def sandbox_job(sample: Sample) -> tuple[list[str], dict[str, bytes], list[str]]
 def execute_many(sandbox: Sandbox, samples: list[Sample], fresh: bool = False) -> list[dict[str, Any]]:
     """Each sample's code calls run in the sandbox (in parallel), summarised: text, errors, image hashes.
 
-    The record is memoised in `meta["sandbox"]`; `fresh=True` runs again regardless (and keeps the memo).
+    The record is memoised in `memo["sandbox"]`; `fresh=True` runs again regardless (and keeps the memo).
     """
     jobs = [sandbox_job(sample) for sample in samples]
     digests = [_digest(*job) for job in jobs]
@@ -95,7 +93,7 @@ def execute_many(sandbox: Sandbox, samples: list[Sample], fresh: bool = False) -
     for i, result in zip(todo, sandbox.run_many([jobs[i] for i in todo])):
         records[i] = summarize(result, digests[i])
         if not fresh:
-            samples[i].meta["sandbox"] = records[i]
+            samples[i].memo["sandbox"] = records[i]
     return [record for record in records if record is not None]
 
 
@@ -105,7 +103,7 @@ def _digest(cells: list[str], files: dict[str, bytes], preload: list[str]) -> st
 
 
 def _memo(sample: Sample, digest: str) -> dict[str, Any] | None:
-    record = sample.meta.get("sandbox")
+    record = sample.memo.get("sandbox")
     return record if isinstance(record, dict) and record.get("digest") == digest else None
 
 
@@ -125,14 +123,6 @@ def summarize(result: TrajectoryResult, digest: str) -> dict[str, Any]:
             for cell in result.cells
         ],
     }
-
-
-def image_hash(data: bytes) -> str | None:
-    try:
-        with PILImage.open(io.BytesIO(data)) as image:
-            return str(imagehash.phash(image))
-    except Exception:  # an image the code wrote that does not decode compares as different from anything
-        return None
 
 
 class SandboxStage(Stage):

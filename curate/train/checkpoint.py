@@ -1,54 +1,137 @@
-"""Checkpoints: `save_pretrained` folders that load anywhere transformers does, plus the optimizer state,
-the step and the random generators' states, so that training resumes where it stopped and a resumed run
-samples exactly what the uninterrupted one would have.
+"""Checkpoints: the policy's weights and the optimizer state as a sharded `torch.distributed.checkpoint` (each rank
+writes its own shards, nothing is gathered), plus the model's config and processor, the step and the random
+generators' states, so that training resumes where it stopped and a resumed run samples exactly what the
+uninterrupted one would have.
 
-A checkpoint is consolidated: the weights and the optimizer state (keyed by parameter name) are whole, whatever
-the number of processes that wrote it, so it resumes at any number (`curate.train.distributed`). A sharded run
-gathers both on rank 0, which alone writes. The generators' states are rank 0's: a sharded HDPO run seeds each
-step's sampling from (seed, step, rank) instead, so it does not need them."""
+A checkpoint is keyed by parameter name and resharded on load, so it resumes at any number of processes
+(`curate.train.distributed`), and every rank reads only its shards. `curate train export` writes one as a plain
+`save_pretrained` folder; `load_model` (and so `--model`) reads one directly. The generators' states are rank 0's:
+a sharded HDPO run seeds each step's sampling from (seed, step, rank) instead, so it does not need them."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint.state_dict as dcp
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict as dcp_state
 
-from curate.generation.hf import LoadedModel, load_model
-from curate.train.distributed import Ranks, shard, sharded
+from curate.errors import UserError
+from curate.generation.hf import LoadedModel, load_model, materialise
+from curate.models import resolve_model
+from curate.train.distributed import Ranks, shard
+
+STATE = "state"  # the distributed checkpoint: {"model": weights, "optimizer": AdamW's state}, by parameter name
+TRAINER = "trainer_state.pt"  # the step and the random generators' states
 
 
 def save_checkpoint(out: Path, step: int, loaded: LoadedModel, optimizer: torch.optim.Optimizer,
                     config: dict[str, Any], ranks: Ranks = Ranks()) -> Path:
     """`out/checkpoint-<step>`, written to a scratch folder first so a kill never leaves half of one (a
-    collective when the policy is sharded: every rank calls it, rank 0 writes)."""
+    collective when the policy is sharded: every rank writes its shards, rank 0 the rest)."""
     target = out / f"checkpoint-{step:06d}"
-    whole = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0's CPU only
-    weights = untied(loaded.net, dcp.get_model_state_dict(loaded.net, options=whole)) if sharded(loaded.net) else None
-    optimizer_state = dcp.get_optimizer_state_dict(loaded.net, optimizer, options=whole)
-    if not ranks.main:
-        return target
     scratch = out / f".writing-checkpoint-{step:06d}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    loaded.net.save_pretrained(scratch, state_dict=weights)
-    loaded.processor.save_pretrained(scratch)
-    torch.save({"optimizer": optimizer_state, "step": step, "rng": random_states()}, scratch / "optimizer.pt")
-    (scratch / "train_config.json").write_text(json.dumps(config, indent=1, default=str))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(scratch, target)
+    if ranks.main:
+        if target.exists() and not is_checkpoint(target):  # replacing it must delete nothing curate did not write
+            raise UserError(f"{target} exists and is not a curate checkpoint; move it away or choose another -o")
+        shutil.rmtree(scratch, ignore_errors=True)
+    ranks.wait()  # the scratch folder is fresh before any rank writes into it
+    state = {"model": dcp_state.get_model_state_dict(loaded.net),
+             "optimizer": dcp_state.get_optimizer_state_dict(loaded.net, optimizer)}
+    with alone_is_meant(not ranks.active):
+        dcp.save(state, checkpoint_id=scratch / STATE, no_dist=not ranks.active)
+    if ranks.main:
+        loaded.net.config.save_pretrained(scratch)
+        if getattr(loaded.net, "generation_config", None) is not None:
+            loaded.net.generation_config.save_pretrained(scratch)
+        loaded.processor.save_pretrained(scratch)
+        torch.save({"step": step, "rng": random_states()}, scratch / TRAINER)
+        (scratch / "train_config.json").write_text(json.dumps(config, indent=1, default=str))
+        if target.exists():  # a checkpoint of this step from a run killed after writing it: replaced
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+    ranks.wait()  # no rank goes on (or ends the run) before the checkpoint is in place
     return target
 
 
-def untied(net: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A gathered state dict without the second name of a tied parameter (a head sharing the embedding's
-    weight): `save_pretrained` leaves it out of a model's own state dict, but gathered tensors share no storage."""
+def is_checkpoint(folder: Path) -> bool:
+    """Written by `save_checkpoint` (what it alone puts there, or put there in its consolidated format before), so
+    that replacing it deletes nothing else."""
+    written = (folder / TRAINER).is_file() or (folder / "optimizer.pt").is_file()
+    return written and (folder / "train_config.json").is_file()
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return is_checkpoint(folder) and (folder / STATE / ".metadata").is_file()
+
+
+def read_weights(checkpoint: Path, net: torch.nn.Module, whole: bool = False) -> None:
+    """Load a checkpoint's weights into `net`, materialised (each rank its shards, read and resharded by DCP); `whole`:
+    in this process alone, even under torchrun (a model read whole, not a shard)."""
+    state = {"model": dcp_state.get_model_state_dict(net)}
+    alone = whole or not torch.distributed.is_initialized()
+    with alone_is_meant(alone):
+        dcp.load(state, checkpoint_id=checkpoint / STATE, no_dist=alone)
+    dcp_state.set_model_state_dict(net, state["model"])
+
+
+def load_policy(source: str, device: str, ranks: Ranks, bf16: bool = False,
+                activation_checkpointing: bool = False) -> LoadedModel:
+    """The policy in float32, sharded over `ranks` when they are several. Sharded, each rank builds it on the meta
+    device and materialises only its shards: from a checkpoint, each reads its shards; from any other model, rank 0
+    alone reads it whole and sends each rank its shards."""
+    if not ranks.active:
+        loaded = load_model(source, device, "float32")
+        shard(loaded.net, ranks, bf16, activation_checkpointing)
+        return loaded
+    loaded = load_model(source, device, "float32", weights=False)
+    shard(loaded.net, ranks, bf16, activation_checkpointing)
+    materialise(loaded.net, device)
+    if is_sharded_checkpoint(Path(source)):
+        read_weights(Path(source), loaded.net)
+        return loaded
+    folder = Path(resolve_model(source))
+    if reads_as_is(folder, loaded.net):  # each rank reads only its slices of the safetensors files
+        # A tied head is not in the files and is the embedding's parameter: loaded through that one's name alone.
+        second = tied_names(loaded.net)
+        state = {name: tensor for name, tensor in dcp_state.get_model_state_dict(loaded.net).items()
+                 if name not in second}
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))  # keyed as the files are
+        dcp_state.set_model_state_dict(loaded.net, state, options=dcp_state.StateDictOptions(strict=False))
+        return loaded
+    # Weights that transformers converts on load (renamed or fused): rank 0 loads them whole, sends the shards.
+    whole = load_model(source, "cpu", "float32").net.state_dict() if ranks.main else {}
+    options = dcp_state.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dcp_state.set_model_state_dict(loaded.net, whole, options=options)
+    return loaded
+
+
+def reads_as_is(folder: Path, net: torch.nn.Module) -> bool:
+    """Whether the model folder's safetensors files hold every parameter and buffer `net` saves, by the same name
+    (a tied head aside): what reading slices of them straight into the shards needs."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return False
+    stored: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update(handle.keys())
+    return set(net.state_dict()) - tied_names(net) <= stored
+
+
+def tied_names(net: torch.nn.Module) -> set[str]:
+    """The second names of parameters met under two (a head sharing the embedding's weight)."""
     first = {name for name, _ in net.named_parameters()}
-    every = {name for name, _ in net.named_parameters(remove_duplicate=False)}
-    return {name: tensor for name, tensor in weights.items() if name in first or name not in every}
+    return {name for name, _ in net.named_parameters(remove_duplicate=False)} - first
 
 
 def start_or_resume(out: Path, model: str, device: str, lr: float, resume: bool, ranks: Ranks = Ranks(),
@@ -56,31 +139,53 @@ def start_or_resume(out: Path, model: str, device: str, lr: float, resume: bool,
                     ) -> tuple[LoadedModel, torch.optim.Optimizer, int, str]:
     """(model, AdamW, steps done, where the weights came from): from the latest checkpoint in `out` with its
     optimizer state when `resume` finds one, else `model` fresh at step 0; sharded over `ranks` when they are
-    several (each rank loads the whole model, then keeps its shard)."""
+    several."""
     start = latest_checkpoint(out) if resume else None
-    loaded = load_model(str(start or model), device, "float32")
-    shard(loaded.net, ranks, bf16, activation_checkpointing)
+    if start is not None and not is_sharded_checkpoint(start):
+        raise UserError(f"{start} is a checkpoint in the consolidated format of an earlier curate, which does not "
+                        "resume: start a new -o from it with --model (it is a save_pretrained folder)")
+    loaded = load_policy(str(start or model), device, ranks, bf16, activation_checkpointing)
     optimizer = torch.optim.AdamW(loaded.net.parameters(), lr=lr)
     if start is None:
         return loaded, optimizer, 0, model
-    # Only rank 0 reads the file; set_optimizer_state_dict sends each rank its shard of the whole state.
-    state = torch.load(start / "optimizer.pt") if ranks.main else {"optimizer": {}}
-    options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=ranks.active)
-    dcp.set_optimizer_state_dict(loaded.net, optimizer, by_name(state["optimizer"], loaded.net), options=options)
-    if "rng" in state:  # checkpoints written before the generators were saved resume with a fresh seed
-        restore_random_states(state["rng"])
-    return loaded, optimizer, int(start.name.removeprefix("checkpoint-")), str(start)
+    # The state dict to load into: AdamW's state allocated (by a step at learning rate 0), sharded like the policy.
+    state = {"optimizer": dcp_state.get_optimizer_state_dict(loaded.net, optimizer)}
+    with alone_is_meant(not ranks.active):
+        dcp.load(state, checkpoint_id=start / STATE, no_dist=not ranks.active)
+    dcp_state.set_optimizer_state_dict(loaded.net, optimizer, state["optimizer"])
+    trainer = torch.load(start / TRAINER)
+    if ranks.main:
+        restore_random_states(trainer["rng"])
+    return loaded, optimizer, int(trainer["step"]), str(start)
 
 
-def by_name(state: dict[str, Any], net: torch.nn.Module) -> dict[str, Any]:
-    """An optimizer state keyed by parameter name; one keyed by index (`Optimizer.state_dict`, as checkpoints
-    were written before the trainer ran sharded) is renamed, its indices following `net.parameters()`."""
-    groups = state.get("param_groups", [])
-    if not groups or not all(isinstance(index, int) for group in groups for index in group["params"]):
-        return state
-    names = [name for name, _ in net.named_parameters()]
-    return {"state": {names[index]: value for index, value in state["state"].items()},
-            "param_groups": [{**group, "params": [names[index] for index in group["params"]]} for group in groups]}
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, whole, on the CPU, by the names `save_pretrained` writes."""
+    net = load_model(str(checkpoint), "cpu", "float32").net
+    return {name: tensor.detach().clone() for name, tensor in net.state_dict().items()}
+
+
+def export(run: Path, out: Path) -> Path:
+    """The latest checkpoint of the training directory `run` (or the checkpoint `run`) as a plain `save_pretrained`
+    folder `out`, which transformers and vLLM load; read whole in this one process."""
+    checkpoint = run if is_checkpoint(run) else latest_checkpoint(run)
+    if checkpoint is None:
+        raise UserError(f"{run}: no checkpoint-* folder in it, nor is it a checkpoint of curate train")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose another folder")
+    loaded = load_model(str(checkpoint), "cpu", "float32")
+    loaded.net.save_pretrained(out)
+    loaded.processor.save_pretrained(out)
+    return out
+
+
+@contextmanager
+def alone_is_meant(alone: bool) -> Iterator[None]:
+    """DCP warns on every save or load in one process without a process group; here that is what is meant."""
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", "torch.distributed is .*assuming the intent is to", UserWarning)
+        yield
 
 
 def random_states() -> dict[str, Any]:

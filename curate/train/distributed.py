@@ -49,6 +49,14 @@ class Ranks:
         dist.all_reduce(summed)
         return summed
 
+    def most(self, value: int) -> int:
+        """The largest of the ranks' `value`s (how many passes every rank must run)."""
+        if not self.active:
+            return value
+        largest = torch.tensor(value)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return int(largest)
+
     def sum_floats(self, values: dict[str, float]) -> dict[str, float]:
         """Each value summed over the ranks, in one collective."""
         if not self.active or not values:
@@ -63,6 +71,11 @@ class Ranks:
         parts = [torch.empty_like(rows) for _ in range(self.world)]
         dist.all_gather(parts, rows.contiguous())
         return torch.cat(parts)
+
+    def wait(self) -> None:
+        """Until every rank is here."""
+        if self.active:
+            dist.barrier()
 
     def share(self, items: list, what: str) -> list:
         """This rank's contiguous part of `items`, which must split evenly (every rank runs the same passes)."""
@@ -125,6 +138,21 @@ def sharded(net: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(net, FSDPModule)
+
+
+@contextmanager
+def gradient_sync(net: torch.nn.Module, reduce: bool) -> Iterator[None]:
+    """Around one micro-batch's backward pass: whether a sharded policy reduces gradients over the ranks after it
+    (at least after the last micro-batch of an optimizer step). Without, each rank accumulates its unsharded,
+    unreduced gradients (FSDP's no_sync): one collective a step, for the whole model's gradients in memory."""
+    if not sharded(net):
+        yield
+        return
+    net.set_requires_gradient_sync(reduce)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
 
 
 def full_weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:

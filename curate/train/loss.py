@@ -1,4 +1,5 @@
-"""HDPO policy loss: a PPO clipped surrogate per advantage channel, mixed with fixed weights.
+"""Policy loss: a PPO clipped surrogate per trained term (advantage channel), mixed with fixed weights; HDPO's is
+both terms, `acc` and `tool`.
 
 logprobs, old_logprobs and mask are [rows, tokens]: per-token log-probabilities of the sampled tokens under
 the current and the rollout policy, and which tokens belong to the response. Advantages are one per row.
@@ -16,6 +17,22 @@ from torch import Tensor
 # one), so clamping there costs nothing, and it keeps exp from overflowing: an inf ratio gives a NaN gradient
 # even where the clip discards it (0 * inf).
 MAX_LOG_RATIO = 20.0
+
+
+# The tokens each loss term's mean is over, from the response mask and the term's advantages.
+TERM_TOKENS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "acc": lambda mask, advantages: mask.bool(),
+    "tool": lambda mask, advantages: tool_channel(mask, advantages),
+}
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The weighted total (to backpropagate) and, per trained term, its loss and clip fraction (to log)."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    clip_fractions: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,7 @@ def clipped_surrogate(
     eps: float = 0.2,
     dual_clip: float = 3.0,
     total: Callable[[Tensor], Tensor] = lambda count: count,
+    tokens: Tensor | None = None,
 ) -> tuple[Tensor, float]:
     """PPO clipped surrogate with dual clip, averaged over the masked tokens.
 
@@ -46,6 +64,8 @@ def clipped_surrogate(
 
     `total` turns this batch's token count into the whole batch's: on one of several ranks (the sum over the
     ranks), the loss and clip fraction are then this rank's share of the whole batch's, which sum to them.
+    `tokens`, when given, is the whole batch's count itself: for a micro-batch, whose shares of the loss and clip
+    fraction then sum, over the micro-batches, to the whole batch's.
     """
     mask = mask.bool()
     ratio = (logprobs - old_logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
@@ -56,10 +76,35 @@ def clipped_surrogate(
     bound = -dual_clip * adv
     capped = (adv < 0) & (trust_region > bound)
     loss = torch.where(capped, bound, trust_region)
-    tokens = total(mask.sum()).clamp(min=1)  # clamped: an empty mask gives 0 / 1, not 0 / 0
+    # clamped: an empty mask gives 0 / 1, not 0 / 0
+    tokens = (total(mask.sum()) if tokens is None else tokens).clamp(min=1)
     token_mean = torch.where(mask, loss, 0.0).sum() / tokens
     clip_fraction = (((clipped > unclipped) | capped) & mask).sum().item() / tokens.item()
     return token_mean, clip_fraction
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    mask: Tensor,
+    advantages: dict[str, Tensor],
+    weights: dict[str, float],
+    eps: float = 0.2,
+    dual_clip: float = 3.0,
+    total: Callable[[Tensor], Tensor] = lambda count: count,
+    tokens: dict[str, Tensor] | None = None,
+) -> PolicyLoss:
+    """The sum over the terms of `advantages` (term -> one advantage per row) of weight · L_clip(A_term), each
+    averaged over its own tokens (`TERM_TOKENS`); only these terms are computed. `tokens`: the whole batch's token
+    count per term (`term_tokens`), when these rows are one of its micro-batches."""
+    losses: dict[str, Tensor] = {}
+    clip_fractions: dict[str, float] = {}
+    for term, adv in advantages.items():
+        losses[term], clip_fractions[term] = clipped_surrogate(
+            logprobs, old_logprobs, adv, TERM_TOKENS[term](mask, adv), eps, dual_clip, total,
+            None if tokens is None else tokens[term])
+    weighted = [weights[term] * loss for term, loss in losses.items()]
+    return PolicyLoss(sum(weighted[1:], weighted[0]), losses, clip_fractions)
 
 
 def hdpo_loss(
@@ -73,13 +118,29 @@ def hdpo_loss(
     eps: float = 0.2,
     dual_clip: float = 3.0,
     total: Callable[[Tensor], Tensor] = lambda count: count,
+    tokens: tuple[Tensor, Tensor] | None = None,
 ) -> HDPOLoss:
     """w_acc * L_clip(A_acc) + w_tool * L_clip(A_tool).
 
     The tool term averages over the tokens of rows with a tool signal only, so the many rows with
-    A_tool = 0 (wrong answers, prompts without two correct rollouts) do not dilute it.
+    A_tool = 0 (wrong answers, prompts without two correct rollouts) do not dilute it. `tokens`: the whole
+    batch's token counts of both channels, when these rows are one of its micro-batches.
     """
-    acc, clip_frac_acc = clipped_surrogate(logprobs, old_logprobs, adv_acc, mask, eps, dual_clip, total)
-    tool_mask = mask.bool() & (adv_tool != 0).unsqueeze(-1)
-    tool, clip_frac_tool = clipped_surrogate(logprobs, old_logprobs, adv_tool, tool_mask, eps, dual_clip, total)
-    return HDPOLoss(w_acc * acc + w_tool * tool, acc, tool, clip_frac_acc, clip_frac_tool)
+    loss = policy_loss(logprobs, old_logprobs, mask, {"acc": adv_acc, "tool": adv_tool}, {"acc": w_acc, "tool": w_tool},
+                       eps, dual_clip, total, None if tokens is None else dict(zip(("acc", "tool"), tokens)))
+    return HDPOLoss(loss.total, loss.terms["acc"], loss.terms["tool"], loss.clip_fractions["acc"],
+                    loss.clip_fractions["tool"])
+
+
+def tool_channel(mask: Tensor, adv_tool: Tensor) -> Tensor:
+    """The tokens the tool term averages over: those of rows with a tool signal."""
+    return mask.bool() & (adv_tool != 0).unsqueeze(-1)
+
+
+def term_tokens(mask: Tensor, advantages: dict[str, Tensor],
+                total: Callable[[Tensor], Tensor] = lambda count: count) -> dict[str, Tensor]:
+    """The token count each term's mean divides by, turned into the whole batch's by `total` (the sum over the
+    ranks)."""
+    # One collective for all the terms.
+    counts = total(torch.stack([TERM_TOKENS[term](mask, adv).sum() for term, adv in advantages.items()]))
+    return dict(zip(advantages, counts))

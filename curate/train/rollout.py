@@ -26,7 +26,7 @@ from curate.formats import MalformedRow
 from curate.formats.inline import parse_calls
 from curate.generation import Prompt as ChatPrompt
 from curate.generation import pil_image
-from curate.generation.hf import LoadedModel, load_model
+from curate.generation.hf import LoadedModel, load_model, materialise
 from curate.sample import Image, ImagePart, Message, Part, Sample, TextPart
 from curate.sandbox import Sandbox, TrajectoryResult
 from curate.sandbox.trajectory import sandbox_job
@@ -155,8 +155,11 @@ class GatheredTurns(TransformersTurns):
     whole model per rank (in bfloat16 with `bf16`), as a vLLM engine's copy would."""
 
     def __init__(self, loaded: LoadedModel, weights: str, config: RolloutConfig, bf16: bool = False) -> None:
-        copy = load_model(weights, loaded.device, "bfloat16" if bf16 else "float32").net.eval()
+        # Built empty, then given the policy's weights: no rank reads the whole model from disk for it.
+        copy = load_model(weights, loaded.device, "bfloat16" if bf16 else "float32", weights=False).net.eval()
+        materialise(copy, loaded.device)
         super().__init__(replace(loaded, net=copy), config)
+        self.load_policy(loaded.net)
 
     def load_policy(self, net: torch.nn.Module) -> None:
         self.loaded.net.load_state_dict(full_weights(net))

@@ -19,25 +19,18 @@ from curate.sample import Sample
 from curate.train.chat import ChatEncoder, Encoded, policy_turns
 from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
-from curate.train.distributed import Ranks, process_group
+from curate.train.distributed import Ranks, gradient_sync, process_group
+from curate.train.logprobs import token_logprobs
+from curate.train.settings import TrainRun, setting
 
 
-@dataclass
-class SFTConfig:
-    model: str
-    shards: list[Path]
-    out: Path
-    epochs: int = 1
-    lr: float = 1e-5
-    batch_size: int = 4  # sequences per micro-batch (vision-language models: 1)
-    grad_accum: int = 1
-    max_tokens: int = 4096  # longer trajectories are cut (their tail is not trained)
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = True  # continue from the latest checkpoint in `out`, optimizer state included
-    bf16: bool = False  # under torchrun: FSDP mixed precision (bfloat16 compute, float32 weights and reductions)
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+@dataclass(kw_only=True)
+class SFTConfig(TrainRun):
+    lr: float = setting(1e-5, "Learning rate.")
+    epochs: int = setting(1, "Passes over the data.")
+    batch_size: int = setting(4, "Sequences per micro-batch (vision-language models: 1).")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    max_tokens: int = setting(4096, "Longer trajectories are cut (their tail is not trained).")
 
 
 def encode_examples(samples: list[Sample], encoder: ChatEncoder, max_tokens: int) -> list[Encoded]:
@@ -78,18 +71,11 @@ def batches(examples: list[Encoded], size: int, pad_id: int,
     return micro
 
 
-def token_logprobs(net: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """log p(token t | tokens < t) for t >= 1, shape [rows, tokens - 1], under the sampling `temperature`
-    (HDPO's ratios compare against the distribution the rollouts were drawn from)."""
-    inputs = {k: v for k, v in batch.items() if k != "loss_mask"}
-    logits = net(**inputs).logits[:, :-1].float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, batch["input_ids"][:, 1:, None]).squeeze(-1)
-
-
 def sft_loss(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean negative log-likelihood over the assistant tokens (prompts and tool observations masked)."""
+    """Mean negative log-likelihood over the assistant tokens (prompts and tool observations masked: the head
+    never reads them)."""
     mask = batch["loss_mask"][:, 1:]
-    return -(token_logprobs(net, batch) * mask).sum() / mask.sum().clamp(min=1)
+    return -(token_logprobs(net, batch, select=mask) * mask).sum() / mask.sum().clamp(min=1)
 
 
 def train_sft(config: SFTConfig) -> Path:
@@ -127,8 +113,8 @@ def _train_sft(config: SFTConfig, ranks: Ranks, device: str) -> Path:
                 started = time.perf_counter()
                 optimizer.zero_grad()
                 group = micro[first:first + per_step]
-                loss = step_loss(net, group, config.grad_accum, ranks, loaded.device)
-                (loss * ranks.world).backward()  # FSDP averages gradients over the ranks: each holds a share of the sum
+                loss = step_backward(net, group, config.grad_accum, ranks, loaded.device,
+                                     config.reduce_every_micro_batch)
                 optimizer.step()
                 step += 1
                 record = {"step": step, "epoch": epoch, "loss": float(ranks.total(loss.detach())),
@@ -143,15 +129,22 @@ def _train_sft(config: SFTConfig, ranks: Ranks, device: str) -> Path:
     return save_checkpoint(config.out, step, loaded, optimizer, asdict(config), ranks)
 
 
-def step_loss(net: torch.nn.Module, group: list[dict[str, torch.Tensor]], grad_accum: int, ranks: Ranks,
-              device: str) -> torch.Tensor:
-    """This rank's share of one optimizer step's loss, the mean over the step's micro-batches of their own
-    loss: its `grad_accum` micro-batches of `group`, each over len(group). A rank short of micro-batches (the
-    epoch's last step) runs the missing passes on one it has, at weight 0: every rank of a sharded policy must
-    run as many forward and backward passes as the others."""
+def step_backward(net: torch.nn.Module, group: list[dict[str, torch.Tensor]], grad_accum: int, ranks: Ranks,
+                  device: str, reduce_every_micro_batch: bool = False) -> torch.Tensor:
+    """Backpropagate this rank's share of one optimizer step's loss, the mean over the step's micro-batches of
+    their own loss: its `grad_accum` micro-batches of `group`, each over len(group), one forward and backward at
+    a time (only one micro-batch's activations are held); returns that share, detached. A rank short of
+    micro-batches (the epoch's last step) runs the missing passes on one it has, at weight 0: every rank of a
+    sharded policy must run as many forward and backward passes as the others. Gradients are reduced over the
+    ranks after the last pass only, unless `reduce_every_micro_batch`."""
     mine = group[ranks.rank * grad_accum:(ranks.rank + 1) * grad_accum]
-    on_device = [{k: v.to(device) for k, v in b.items()} for b in mine or group[:1]]
-    loss = sum(sft_loss(net, b) for b in on_device[:len(mine)]) / len(group)
-    for batch in on_device[:1] * (min(grad_accum, len(group)) - len(mine)):
-        loss = loss + 0.0 * sft_loss(net, batch)
-    return torch.as_tensor(loss, device=device)
+    passes = min(grad_accum, len(group))
+    weights = [1.0] * len(mine) + [0.0] * (passes - len(mine))
+    share = torch.zeros((), device=device)
+    for index, weight in enumerate(weights):
+        batch = {k: v.to(device) for k, v in (mine or group[:1])[index if weight else 0].items()}
+        with gradient_sync(net, index == passes - 1 or reduce_every_micro_batch):
+            loss = weight * sft_loss(net, batch) / len(group)
+            (loss * ranks.world).backward()  # FSDP averages gradients over the ranks: each holds a share of the sum
+        share += loss.detach()
+    return share

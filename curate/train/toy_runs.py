@@ -86,11 +86,12 @@ def pretrain(folder: Path, seed: int, kinds: tuple[str, ...] = KINDS, numbers: r
     trajectories only never samples a direct answer (its probability falls to ~1e-4), and RL can reinforce
     only what it samples."""
     model = build_toy_policy(folder / "toy", seed=seed)
-    base = train_sft(SFTConfig(str(model), write_shard(base_data(kinds, numbers), folder / "base.parquet", "messages"),
-                               folder / "base", epochs=25, lr=1e-3, batch_size=32, seed=seed, device="cpu"))
-    return train_sft(SFTConfig(str(base), write_shard(cold_start_data(kinds, numbers), folder / "cold.parquet",
-                                                      "messages"),
-                               folder / "cold", epochs=1, lr=5e-5, batch_size=16, seed=seed, device="cpu"))
+    base_shard = write_shard(base_data(kinds, numbers), folder / "base.parquet", "messages")
+    base = train_sft(SFTConfig(model=str(model), shards=base_shard, out=folder / "base", epochs=25, lr=1e-3,
+                               batch_size=32, seed=seed, device="cpu"))
+    cold = write_shard(cold_start_data(kinds, numbers), folder / "cold.parquet", "messages")
+    return train_sft(SFTConfig(model=str(base), shards=cold, out=folder / "cold", epochs=1, lr=5e-5, batch_size=16,
+                               seed=seed, device="cpu"))
 
 
 def tune(start: Path, out: Path, seed: int, prompts: list[Sample] | None = None, **hdpo: Any) -> Path:
@@ -99,4 +100,4 @@ def tune(start: Path, out: Path, seed: int, prompts: list[Sample] | None = None,
                                 "max_turns": MAX_TURNS, "max_new_tokens": MAX_NEW_TOKENS, "max_tokens": MAX_TOKENS,
                                 "seed": seed, "device": "cpu", **hdpo}
     shard = write_shard(prompts or toy_prompts(), out.parent / f"{out.name}-prompts.parquet", "verl")
-    return train_hdpo(HDPOConfig(str(start), shard, out, **settings))
+    return train_hdpo(HDPOConfig(model=str(start), shards=shard, out=out, **settings))
