@@ -14,6 +14,8 @@ import contextlib
 import fcntl
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,34 @@ def probe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One generation cache for every test that runs a recipe: the bundled sample's probe answers are
     computed once per session (content-addressed, so sharing is exactly what a user's cache does)."""
     return tmp_path_factory.mktemp("probe-cache") / "cache.sqlite"
+
+
+class BundledRuns:
+    """The bundled recipes' `--local` runs on the bundled sample, each run once per session as a user types it
+    (`curate run recipes/NAME.yaml --local`) on the session's probe cache: the tests that read such a run share it."""
+
+    def __init__(self, folder: Path, cache: Path) -> None:
+        self.folder, self.cache = folder, cache
+        self._runs: dict[str, tuple[Path, subprocess.CompletedProcess[str]]] = {}
+
+    def run(self, recipe: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        """(the run directory, the finished `curate run` process: its console output)."""
+        if recipe not in self._runs:
+            run_dir = self.folder / recipe
+            result = subprocess.run([sys.executable, "-m", "curate", "run", f"recipes/{recipe}.yaml", "--local", "-o",
+                                     str(run_dir), "--cache", str(self.cache), "--no-progress"],
+                                    capture_output=True, text=True, cwd=REPO, check=False, timeout=1200)
+            assert result.returncode == 0, f"curate run {recipe} failed:\n{result.stderr[-3000:]}"
+            self._runs[recipe] = run_dir, result
+        return self._runs[recipe]
+
+    def __getitem__(self, recipe: str) -> Path:
+        return self.run(recipe)[0]
+
+
+@pytest.fixture(scope="session")
+def bundled_runs(tmp_path_factory: pytest.TempPathFactory, probe_cache: Path) -> BundledRuns:
+    return BundledRuns(tmp_path_factory.mktemp("bundled-runs"), probe_cache)
 
 
 @pytest.fixture

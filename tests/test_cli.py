@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, bundled_recipe_data, cli, shard_ids
+from conftest import REPO, BundledRuns, assert_accounting, bundled_recipe_data, cli, shard_ids
 
 from curate.rundir import RunDir, RunState
 
@@ -105,10 +105,8 @@ def test_stages_lists_builtin_stages_with_options() -> None:
     assert "max_distance" in listing
 
 
-def test_sample_recipe_runs_and_inspect_prints_funnel(tmp_path: Path, probe_cache: Path) -> None:
-    run_dir = tmp_path / "sft"
-    result = curate("run", "recipes/metis_sft.yaml", "--local", "-o", str(run_dir), "--cache",
-                    str(probe_cache), "--no-progress")
+def test_sample_recipe_runs_and_inspect_prints_funnel(bundled_runs: BundledRuns) -> None:
+    run_dir, result = bundled_runs.run("metis_sft")  # `curate run recipes/metis_sft.yaml --local`
     manifest = assert_accounting(run_dir)
     assert f"{manifest['input_rows']} rows in, {manifest['kept_rows']} kept" in result.stdout
     # Every stage of the recipe rejects something planted in the bundled sample, but the local judge, whose

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -133,3 +134,32 @@ def test_runnable_blocks_run(page: str, tmp_path: Path) -> None:
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, f"{page}: a runnable block failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    if page in PAGE_CHECKS:
+        PAGE_CHECKS[page](tmp_path)
+
+
+def the_training_tutorial_trained(root: Path) -> None:
+    """The tutorial's chain on the real SmolLM2 (shards of `curate run`, SFT, HDPO from the SFT checkpoint, the
+    plot), as the trainer's own tests check it on the toy policy."""
+    import torch
+
+    from curate.generation.hf import load_model
+    from curate.train.checkpoint import is_sharded_checkpoint
+
+    assert is_sharded_checkpoint(root / "runs" / "train-sft" / "checkpoint-000001")
+    out = root / "runs" / "train-hdpo"
+    (entry,) = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
+    assert entry["step"] == 1
+    for key in ("accuracy", "tool_call_rate", "mean_tool_calls", "tool_productivity", "qualifying_ratio", "loss_acc",
+                "loss_tool", "clip_frac_acc", "clip_frac_tool", "grad_norm", "seconds"):
+        assert key in entry, key
+    checkpoint = out / "checkpoint-000001"
+    assert torch.load(checkpoint / "trainer_state.pt")["step"] == 1
+    settings = json.loads((checkpoint / "train_config.json").read_text())
+    assert settings["max_tokens"] == 512 and settings["generation"] == "transformers" and settings["rollouts"] == 2
+    assert settings["model"].endswith("runs/train-sft/checkpoint-000001")
+    assert load_model(str(checkpoint), "cpu", "float32").net.config.model_type == "llama"  # SmolLM2, trained on
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+PAGE_CHECKS = {"docs/tutorials/train.md": the_training_tutorial_trained}

@@ -10,7 +10,7 @@ import nbclient
 import nbformat
 import polars as pl
 import pytest
-from conftest import REPO, bundled_recipe_data, cli, stopped_at_commit
+from conftest import REPO, BundledRuns, bundled_recipe_data, cli, stopped_at_commit
 from stage_fixtures import RecordedVsActual
 
 from curate.executor import LocalExecutor
@@ -107,8 +107,8 @@ def test_export_writes_a_file_a_recipe_reads(sft_run: Path, tmp_path: Path) -> N
     assert [s.id for s in back] == picked
 
 
-def test_rl_run_scores_and_samples(tmp_path: Path, probe_cache: Path) -> None:
-    run = Run(run_recipe(tmp_path, "rl", probe_cache, recipe="metis_rl"))
+def test_rl_run_scores_and_samples(bundled_runs: BundledRuns) -> None:
+    run = Run(bundled_runs["metis_rl"])
     kept_id = run.kept().select(pl.col("extra_info").struct.field("id")).head(1).collect().item()
     sample, verdict = run.sample(kept_id)
     assert verdict is None and "image_dedup" in sample.meta  # stage annotations survive the verl schema

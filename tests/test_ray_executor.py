@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -14,7 +15,8 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, messages_row, shard_ids, stopped_at_commit, write_jsonl
+from conftest import (REPO, BundledRuns, assert_accounting, messages_row, shard_ids, stopped_at_commit,
+                      write_jsonl)
 from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 from stage_fixtures import DiesOnItsSecondBatch, Explode, FirstN, HashBucket, Misbehave, Slow
 
@@ -61,11 +63,12 @@ def recipe_file(tmp_path: Path, source: Path, stages: list[dict], batch_size: in
 
 
 def test_bundled_sample_gives_the_same_run_as_the_local_executor(cluster: str, tmp_path: Path,
-                                                                   probe_cache: Path) -> None:
+                                                                   bundled_runs: BundledRuns) -> None:
     recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml", profile="local")
-    local = LocalExecutor(recipe, tmp_path / "local", cache_path=probe_cache, progress=False).run()
-    on_ray = RayExecutor(recipe, tmp_path / "ray", cache_path=probe_cache, progress=False).run()
-    assert outcome(tmp_path / "ray") == outcome(tmp_path / "local")
+    local_dir = bundled_runs["metis_sft"]  # the local executor's run, on the same cache
+    local = json.loads((local_dir / "manifest.json").read_text())
+    on_ray = RayExecutor(recipe, tmp_path / "ray", cache_path=bundled_runs.cache, progress=False).run()
+    assert outcome(tmp_path / "ray") == outcome(local_dir)
     assert funnel(on_ray) == funnel(local)
     assert (on_ray["input_rows"], on_ray["kept_rows"], on_ray["rejected_rows"]) == (
         local["input_rows"], local["kept_rows"], local["rejected_rows"])

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, assert_accounting
+from conftest import REPO, BundledRuns, assert_accounting
 from PIL import Image as PILImage
 
-from curate.executor import LocalExecutor
 from curate.formats import get_format, records
 from curate.recipe import Recipe, load_recipe
 from curate.samples.generate import SFT_DEFECTS, generate_rl, generate_sft, run_python, write_sample_data
@@ -74,16 +73,17 @@ def catchable(defect: dict, recipe: Recipe) -> bool:
 
 
 @pytest.mark.parametrize("recipe", ["metis_sft", "metis_rl"])
-def test_recipes_reject_exactly_the_planted_defects_of_their_stages(tmp_path: Path, recipe: str, probe_cache: Path) -> None:
+def test_recipes_reject_exactly_the_planted_defects_of_their_stages(tmp_path: Path, recipe: str,
+                                                                    bundled_runs: BundledRuns) -> None:
     loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml", profile="local")
-    LocalExecutor(loaded, tmp_path / "run", cache_path=probe_cache, progress=False).run()
-    manifest = assert_accounting(tmp_path / "run")
+    run_dir = bundled_runs[recipe]
+    manifest = assert_accounting(run_dir)
     expected = json.loads((SAMPLE_DIR / "EXPECTED.json").read_text())
     files = {Path(source.path).name for source in loaded.inputs}
     stages = {spec.name for spec in loaded.stages}
     planted = {sample_id: d for sample_id, d in expected["defects"].items()
                if d["file"] in files and d["stage"] in stages and catchable(d, loaded)}
-    rejected = pl.read_parquet(tmp_path / "run" / "rejected" / "*.parquet")
+    rejected = pl.read_parquet(run_dir / "rejected" / "*.parquet")
     by_stage = rejected.filter(pl.col("stage") != "read")
     assert {row["id"]: (row["stage"], row["reason"]) for row in by_stage.iter_rows(named=True)} == {
         sample_id: (d["stage"], d["reason"]) for sample_id, d in planted.items()
@@ -94,5 +94,5 @@ def test_recipes_reject_exactly_the_planted_defects_of_their_stages(tmp_path: Pa
     assert all(stage["rejected"] > 0 for stage in manifest["stages"] if not stage["name"].endswith("_judge")), \
         manifest["stages"]
     kept_format = get_format("messages" if recipe == "metis_sft" else "verl")
-    kept = [kept_format.parse(r, tmp_path) for shard in sorted((tmp_path / "run" / "kept").glob("*.parquet")) for r in records(shard)]
+    kept = [kept_format.parse(r, tmp_path) for shard in sorted((run_dir / "kept").glob("*.parquet")) for r in records(shard)]
     assert len(kept) == manifest["kept_rows"] and not {s.id for s in kept} & set(planted)

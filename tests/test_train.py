@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import REPO
 
-from curate.executor import LocalExecutor
 from curate.formats import get_format
 from curate.generation.hf import load_model
-from curate.recipe import load_recipe
 from curate.sample import Message, Sample, TextPart
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.advantages import accuracy_rewards, grpo_advantages, otc_advantages
 from curate.train.chat import ChatEncoder, policy_turns
-from curate.train.checkpoint import is_sharded_checkpoint
 from curate.train.hdpo import HDPOConfig, advantages, format_ok
 from curate.train.rollout import RolloutConfig, RolloutEngine
 from curate.train.toy import build_toy_policy, hashed, toy_prompt, toy_trajectory
@@ -106,54 +102,6 @@ def curate_cli(*args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
-
-
-def rl_run_of_the_sample(tmp_path: Path) -> Path:
-    """A run directory of RL shards as `curate run` writes them: the bundled RL prompts through the recipe's CPU
-    stages (the model stages' verdicts do not change what a shard looks like, and their tests are their own)."""
-    recipe = tmp_path / "rl.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "rl_shards", "input": {"paths": [{"path": str(REPO / "data" / "sample" / "rl_verl.parquet"),
-                                                  "format": "verl"}]},
-        "stages": [{"image_integrity": {}}, {"format": {"require_assistant": False}}],
-        "output": {"kind": "rl"}}))
-    run = tmp_path / "rl"
-    manifest = LocalExecutor(load_recipe(recipe), run, cache_path=tmp_path / "c.sqlite", progress=False).run()
-    assert manifest["kept_rows"] >= 2
-    return run
-
-
-def test_sft_then_hdpo_end_to_end_on_the_curated_sample(tmp_path: Path) -> None:
-    """RL shards of the bundled sample (a `curate run`), SFT a few steps on SFT shards, then HDPO 2 steps from that
-    checkpoint."""
-    rl_run = rl_run_of_the_sample(tmp_path)
-    sft_shard = tmp_path / "sft.parquet"
-    get_format("messages").write([toy_trajectory(f"t{i}", "hash", 10 + i) for i in range(4)], sft_shard)
-    curate_cli("train", "sft", str(sft_shard), "--model", "smollm2-135m", "-o", str(tmp_path / "sft"),
-               "--batch-size", "2", "--max-tokens", "256")
-    sft_checkpoint = tmp_path / "sft" / "checkpoint-000002"
-    assert is_sharded_checkpoint(sft_checkpoint)
-
-    out = tmp_path / "hdpo"
-    args = ["train", "hdpo", str(rl_run), "--model", str(sft_checkpoint), "-o", str(out), "--prompts", "2",
-            "-G", "2", "--max-new-tokens", "24", "--max-turns", "1", "--sandbox-workers", "1", "--max-tokens", "3000",
-            "--observation-images", "1"]
-    curate_cli(*args, "--steps", "1")
-    curate_cli(*args, "--steps", "2")  # resumes from checkpoint-000001 with its optimizer state
-    log = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == [1, 2]
-    for key in ("accuracy", "tool_call_rate", "mean_tool_calls", "tool_productivity", "qualifying_ratio", "loss_acc",
-                "loss_tool", "clip_frac_acc", "clip_frac_tool", "grad_norm", "seconds"):
-        assert all(key in entry for entry in log), key
-    checkpoint = out / "checkpoint-000002"
-    assert torch.load(checkpoint / "trainer_state.pt")["step"] == 2
-    settings = json.loads((checkpoint / "train_config.json").read_text())
-    assert settings["sandbox_workers"] == 1 and settings["max_tokens"] == 3000 and settings["generation"] == "transformers"
-    assert settings["observation_images"] == 1
-    reloaded = load_model(str(checkpoint), "cpu", "float32")
-    assert reloaded.net.config.model_type == "llama"
-    png = Path(curate_cli("train", "plot", str(out)).stdout.strip())
-    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_hdpo_asks_an_llm_judge_for_answers_the_rules_cannot_decide(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The trainer in two processes (torchrun, gloo on the CPU, the policy sharded with FSDP2) against one, on the
-toy policy: the same SFT steps and the same HDPO update give the same losses and weights; checkpoints written by
-two processes resume in one and the reverse; a rank that dies ends the run with one line."""
+toy policy: the same SFT steps and the same HDPO update (in one pass or micro-batched) give the same losses and
+weights; checkpoints written by two processes resume in one and the reverse; a rank that dies ends the run with
+one line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, cli
 from torch.distributed.checkpoint import FileSystemReader
 from vllm_device import VLLM_DEVICE, needs_vllm
 
@@ -70,33 +71,53 @@ def assert_same_weights(first: Path, second: Path) -> None:
         torch.testing.assert_close(tensor, theirs[name], **TOLERANCE, msg=name)
 
 
-def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_across(
-        toy: Path, sft_shard: Path, tmp_path: Path) -> None:
+# The SFT runs below are shared by the tests after them, on one worker under pytest-xdist: each launch of the
+# trainer starts processes that import torch and transformers, which is most of a test's time.
+SFT_GROUP = pytest.mark.xdist_group("distributed-sft")
+
+
+@pytest.fixture(scope="module")
+def sft_runs(toy: Path, sft_shard: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """one: 2 epochs in one process (2 micro-batches a step); two-then-one: its first epoch in two processes (one
+    micro-batch a rank), resumed in one; one-then-two: one's checkpoint-000002 resumed in two processes (so its
+    checkpoint-000004 is written by two ranks); bf16: the first epoch in two processes in bfloat16 with activation
+    checkpointing."""
+    runs = tmp_path_factory.mktemp("sft-runs")
+    sft(sft_shard, toy, runs / "one", epochs=2, grad_accum=2)
+    sft(sft_shard, toy, runs / "two-then-one", epochs=1, grad_accum=1, nproc=2)
+    shutil.copytree(runs / "two-then-one", runs / "two")  # as two processes left it, before the resume
+    sft(sft_shard, toy, runs / "two-then-one", epochs=2, grad_accum=2)  # resumed in one process
+    shutil.copytree(runs / "one" / "checkpoint-000002", runs / "one-then-two" / "checkpoint-000002")
+    sft(sft_shard, toy, runs / "one-then-two", epochs=2, grad_accum=1, nproc=2)  # resumed in two
+    curate("train", "sft", str(sft_shard), "--model", str(toy), "-o", str(runs / "bf16"), "--lr", "1e-3",
+           "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
+    return runs
+
+
+@SFT_GROUP
+def test_two_process_sft_steps_equal_one_process_steps_and_checkpoints_resume_across(toy: Path, sft_runs: Path) -> None:
     """A 2-process step of one micro-batch a rank is the 1-process step of two; checkpoint-000002 (end of the
     first epoch) resumed in the other number of processes continues as the uninterrupted run."""
-    sft(sft_shard, toy, tmp_path / "one", epochs=2, grad_accum=2)
-    sft(sft_shard, toy, tmp_path / "two-then-one", epochs=1, grad_accum=1, nproc=2)
-    torch.testing.assert_close(losses(tmp_path / "two-then-one"), losses(tmp_path / "one")[:2], **TOLERANCE)
-    assert_same_weights(tmp_path / "two-then-one" / "checkpoint-000002", tmp_path / "one" / "checkpoint-000002")
-    sft(sft_shard, toy, tmp_path / "two-then-one", epochs=2, grad_accum=2)  # resumed in one process
-
-    shutil.copytree(tmp_path / "one" / "checkpoint-000002", tmp_path / "one-then-two" / "checkpoint-000002")
-    sft(sft_shard, toy, tmp_path / "one-then-two", epochs=2, grad_accum=1, nproc=2)  # resumed in two
-    torch.testing.assert_close(losses(tmp_path / "two-then-one"), losses(tmp_path / "one"), **TOLERANCE)
-    torch.testing.assert_close(losses(tmp_path / "one-then-two"), losses(tmp_path / "one")[2:], **TOLERANCE)
+    torch.testing.assert_close(losses(sft_runs / "two"), losses(sft_runs / "one")[:2], **TOLERANCE)
+    assert_same_weights(sft_runs / "two" / "checkpoint-000002", sft_runs / "one" / "checkpoint-000002")
+    torch.testing.assert_close(losses(sft_runs / "two-then-one"), losses(sft_runs / "one"), **TOLERANCE)
+    torch.testing.assert_close(losses(sft_runs / "one-then-two"), losses(sft_runs / "one")[2:], **TOLERANCE)
     for resumed in ("two-then-one", "one-then-two"):
-        assert_same_weights(tmp_path / resumed / "checkpoint-000004", tmp_path / "one" / "checkpoint-000004")
-    # bfloat16 compute and activation checkpointing: the same steps within bfloat16's rounding, float32 weights kept
-    curate("train", "sft", str(sft_shard), "--model", str(toy), "-o", str(tmp_path / "bf16"), "--lr", "1e-3",
-           "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
-    torch.testing.assert_close(losses(tmp_path / "bf16"), losses(tmp_path / "one")[:2], rtol=0.02, atol=0)
-    assert losses(tmp_path / "bf16") != losses(tmp_path / "one")[:2]  # it did compute in bfloat16
-    kept = saved_tensors(tmp_path / "bf16" / "checkpoint-000002")
-    assert all(saved.properties.dtype == torch.float32 for name, saved in kept.items() if name.startswith("model."))
+        assert_same_weights(sft_runs / resumed / "checkpoint-000004", sft_runs / "one" / "checkpoint-000004")
     # Written by two ranks, each its shards: the whole of every parameter's moments, keyed by name, in one checkpoint
-    saved = saved_tensors(tmp_path / "two-then-one" / "checkpoint-000002")
+    saved = saved_tensors(sft_runs / "two" / "checkpoint-000002")
     for name, parameter in load_model(str(toy), "cpu").net.named_parameters():
         assert saved[f"optimizer.state.{name}.exp_avg"].size == parameter.shape, name
+
+
+@SFT_GROUP
+def test_bf16_and_activation_checkpointing_take_the_same_steps_within_rounding(sft_runs: Path) -> None:
+    """bfloat16 compute and activation checkpointing: the same steps within bfloat16's rounding, float32 weights
+    kept."""
+    torch.testing.assert_close(losses(sft_runs / "bf16"), losses(sft_runs / "one")[:2], rtol=0.02, atol=0)
+    assert losses(sft_runs / "bf16") != losses(sft_runs / "one")[:2]  # it did compute in bfloat16
+    kept = saved_tensors(sft_runs / "bf16" / "checkpoint-000002")
+    assert all(saved.properties.dtype == torch.float32 for name, saved in kept.items() if name.startswith("model."))
 
 
 def saved_tensors(checkpoint: Path) -> dict:
@@ -104,23 +125,24 @@ def saved_tensors(checkpoint: Path) -> dict:
     return FileSystemReader(str(checkpoint / "state")).read_metadata().state_dict_metadata
 
 
-def test_an_export_is_a_plain_save_pretrained_folder_with_the_same_logits(toy: Path, sft_shard: Path,
+@SFT_GROUP
+def test_an_export_is_a_plain_save_pretrained_folder_with_the_same_logits(toy: Path, sft_runs: Path,
                                                                          tmp_path: Path) -> None:
-    """`curate train export` of a run written by two ranks: transformers loads it alone, with the same logits as
-    the checkpoint read directly."""
+    """`curate train export` of a run whose last checkpoint two ranks wrote: transformers loads it alone, with the
+    same logits as the checkpoint read directly."""
     from transformers import AutoModelForCausalLM
 
-    sft(sft_shard, toy, tmp_path / "run", epochs=1, grad_accum=1, nproc=2)
-    curate("train", "export", str(tmp_path / "run"), str(tmp_path / "exported"))
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
-    checkpoint = load_model(str(tmp_path / "run" / "checkpoint-000002"), "cpu", "float32").net
+    run, exported = sft_runs / "one-then-two", tmp_path / "exported"
+    exporting = cli("train", "export", str(run), str(exported))
+    assert exporting.exit_code == 0, exporting.stderr
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    checkpoint = load_model(str(run / "checkpoint-000004"), "cpu", "float32").net
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, checkpoint(ids).logits, rtol=0, atol=0)
-        assert not torch.equal(exported(ids).logits, load_model(str(toy), "cpu", "float32").net(ids).logits)  # trained
-    with pytest.raises(subprocess.CalledProcessError):  # never into a folder holding something else
-        subprocess.run([sys.executable, "-m", "curate", "train", "export", str(tmp_path / "run"),
-                        str(tmp_path / "exported")], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+        torch.testing.assert_close(model(ids).logits, checkpoint(ids).logits, rtol=0, atol=0)
+        assert not torch.equal(model(ids).logits, load_model(str(toy), "cpu", "float32").net(ids).logits)  # trained
+    again = cli("train", "export", str(run), str(exported))  # never into a folder holding something else
+    assert again.exit_code == 2, again.stdout
 
 
 def test_a_model_folder_is_read_slice_by_slice_only_when_its_files_hold_every_weight_by_name(toy: Path,
@@ -183,17 +205,46 @@ def rollout_groups(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_two_process_hdpo_update_equals_the_one_process_update(toy: Path, rollout_groups: Path, tmp_path: Path) -> None:
-    """Same rollouts, each prompt's G on one rank: the same losses, clip fractions, clipped gradient norm (the
-    whole model's, over both ranks' shards) and updated weights."""
+# One launch of each kind computes every variant the tests below compare (starting the processes is most of the
+# time); the tests share it, on one worker under pytest-xdist.
+UPDATES_GROUP = pytest.mark.xdist_group("distributed-updates")
+VARIANTS = ("0", "1", "150", "150:reduce")
+
+
+@pytest.fixture(scope="module")
+def updates(toy: Path, rollout_groups: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT/one/0: the one-process update of all the rollouts in one pass; OUT/two/VARIANT: two processes' update
+    (see `distributed_update.py` for the variants)."""
+    out = tmp_path_factory.mktemp("updates")
     worker = [str(REPO / "tests" / "distributed_update.py"), str(toy), str(rollout_groups)]
-    subprocess.run([sys.executable, *worker, str(tmp_path / "one")], check=True, env=ENV, timeout=300)
+    subprocess.run([sys.executable, *worker, str(out / "one"), "0"], check=True, env=ENV, timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *worker,
-                    str(tmp_path / "two")], check=True, env=ENV, timeout=300, capture_output=True)
-    one, two = (json.loads((tmp_path / name / "update.json").read_text()) for name in ("one", "two"))
-    assert one.keys() == two.keys() and one["grad_norm"] > 0.05 and one["tool"] != 0  # clipped; both channels
-    torch.testing.assert_close(two, one, **TOLERANCE)
-    assert_same_weights(tmp_path / "two" / "checkpoint-000001", tmp_path / "one" / "checkpoint-000001")
+                    str(out / "two"), *VARIANTS], check=True, env=ENV, timeout=600, capture_output=True)
+    return out
+
+
+def assert_same_update(two: Path, one: Path) -> None:
+    """The same losses, clip fractions, clipped gradient norm (the whole model's, over both ranks' shards) and
+    updated weights."""
+    ones, twos = (json.loads((path / "update.json").read_text()) for path in (one, two))
+    assert ones.keys() == twos.keys() and ones["grad_norm"] > 0.05 and ones["tool"] != 0  # clipped; both channels
+    torch.testing.assert_close(twos, ones, **TOLERANCE)
+    assert_same_weights(two / "checkpoint-000001", one / "checkpoint-000001")
+
+
+@UPDATES_GROUP
+def test_two_process_hdpo_update_equals_the_one_process_update(updates: Path) -> None:
+    """Same rollouts, each prompt's G on one rank."""
+    assert_same_update(updates / "two" / "0", updates / "one" / "0")
+
+
+@UPDATES_GROUP
+@pytest.mark.parametrize("variant", ["1", "150", "150:reduce"])
+def test_two_process_micro_batched_update_equals_the_one_process_one_pass_update(updates: Path, variant: str) -> None:
+    """Micro-batched: the gradient sync skipped on all but a minibatch's last micro-batch, and ranks with fewer
+    micro-batches running passes at weight 0, give the one-process update of all the rollouts in one pass; so does
+    reducing after every micro-batch (`--reduce-every-micro-batch`, `:reduce`)."""
+    assert_same_update(updates / "two" / variant, updates / "one" / "0")
 
 
 def test_hdpo_under_torchrun_logs_each_step_once_and_resumes_in_one_process(toy: Path, tmp_path: Path) -> None:
