@@ -80,7 +80,7 @@ SFT_GROUP = pytest.mark.xdist_group("distributed-sft")
 def sft_runs(toy: Path, sft_shard: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """one: 2 epochs in one process (2 micro-batches a step); two-then-one: its first epoch in two processes (one
     micro-batch a rank), resumed in one; one-then-two: one's checkpoint-000002 resumed in two processes (so its
-    checkpoint-000004 is written by two ranks); bf16: the first epoch in two processes in bfloat16 with activation
+    checkpoint-000004 is written by two ranks); bf16: the first epoch under torchrun in bfloat16 with activation
     checkpointing."""
     runs = tmp_path_factory.mktemp("sft-runs")
     sft(sft_shard, toy, runs / "one", epochs=2, grad_accum=2)
@@ -89,8 +89,10 @@ def sft_runs(toy: Path, sft_shard: Path, tmp_path_factory: pytest.TempPathFactor
     sft(sft_shard, toy, runs / "two-then-one", epochs=2, grad_accum=2)  # resumed in one process
     shutil.copytree(runs / "one" / "checkpoint-000002", runs / "one-then-two" / "checkpoint-000002")
     sft(sft_shard, toy, runs / "one-then-two", epochs=2, grad_accum=1, nproc=2)  # resumed in two
+    # FSDP's mixed precision needs torchrun; one process (2 micro-batches a step) is enough to compare.
     curate("train", "sft", str(sft_shard), "--model", str(toy), "-o", str(runs / "bf16"), "--lr", "1e-3",
-           "--batch-size", "2", "--max-tokens", "64", "--bf16", "--activation-checkpointing", nproc=2)
+           "--batch-size", "2", "--max-tokens", "64", "--grad-accum", "2", "--bf16", "--activation-checkpointing",
+           nproc=1)
     return runs
 
 
@@ -281,16 +283,23 @@ def test_hdpo_with_one_vllm_engine_per_rank(toy: Path, tmp_path: Path) -> None:
     assert is_sharded_checkpoint(tmp_path / "out" / "checkpoint-000002")
 
 
-def test_prompts_that_do_not_split_over_the_processes_are_one_line(toy: Path, tmp_path: Path) -> None:
+def test_prompts_that_do_not_split_over_the_processes_are_one_line_before_any_process_starts(
+        toy: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.parquet"
     get_format("verl").write(toy_prompts(("copy",), range(1, 5)), prompts)
-    result = subprocess.run([sys.executable, "-m", "curate", "train", "hdpo", str(prompts), "--model", str(toy), "-o",
-                             str(tmp_path / "out"), "--prompts", "3", "--steps", "1", "--nproc", "2"],
-                            capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=300)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.endswith("stopped on the error above; the other processes were stopped")
-    assert "--prompts: 3 do not split evenly over 2 processes: use a multiple of 2" in result.stderr
+    result = cli("train", "hdpo", str(prompts), "--model", str(toy), "-o", str(tmp_path / "out"), "--prompts", "3",
+                 "--steps", "1", "--nproc", "2")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --prompts: 3 do not split evenly over 2 processes: use a multiple of 2"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_ranks_own_error_is_said_once_then_the_launchers_line() -> None:
+    """A rank that stops on a one-line error exits 2: the launcher names it after that rank's own line."""
+    from curate.train.launch import how
+
+    assert how(2) == "stopped on the error above"
+    assert how(-9).startswith("was killed by SIGKILL")
 
 
 def worker_with_rank(launcher: int, rank: int) -> int | None:

@@ -15,6 +15,7 @@ import click
 from curate.cache import DEFAULT_CACHE_PATH
 from curate.errors import UserError
 from curate.train.algorithms import ALGORITHMS
+from curate.train.distributed import check_even_split
 from curate.train.hdpo import HDPOConfig, train_hdpo
 from curate.train.settings import config_from, config_options
 from curate.train.sft import SFTConfig, train_sft
@@ -53,6 +54,8 @@ def train_hdpo_command(nproc: int | None, judge_backend: str | None, judge_model
     config = config_from(HDPOConfig, values)
     if judge_backend and not judge_model:
         raise UserError("--judge-backend needs --judge-model")
+    if nproc:  # said before any process starts, as each rank would say it (Ranks.share)
+        check_even_split(config.prompts_per_step, nproc, "--prompts")
     if _launched(nproc):
         return
     judge = None

@@ -79,11 +79,15 @@ class Ranks:
 
     def share(self, items: list, what: str) -> list:
         """This rank's contiguous part of `items`, which must split evenly (every rank runs the same passes)."""
-        if len(items) % self.world:
-            raise UserError(f"{what}: {len(items)} do not split evenly over {self.world} processes: "
-                            f"use a multiple of {self.world}")
+        check_even_split(len(items), self.world, what)
         size = len(items) // self.world
         return items[self.rank * size:(self.rank + 1) * size]
+
+
+def check_even_split(count: int, processes: int, what: str) -> None:
+    """A one-line error unless `count` items split evenly over `processes` (every rank runs the same passes)."""
+    if count % processes:
+        raise UserError(f"{what}: {count} do not split evenly over {processes} processes: use a multiple of {processes}")
 
 
 def under_torchrun() -> bool:
