@@ -476,3 +476,15 @@ def test_unreadable_files_stop_with_one_line(tmp_path: Path) -> None:
     table = pa.table({"messages": ["[]"]})
     pq.write_table(table, tmp_path / "ok.parquet")
     assert list(records(tmp_path / "ok.parquet")) == [{"messages": "[]"}]
+
+
+def test_a_malformed_rows_raw_text_keeps_its_bytes_as_base64_and_its_size_counts_every_field() -> None:
+    """A rejected malformed row is kept whole as JSON: a parquet row's image bytes come back from its base64; the
+    executor's size estimate counts strings and bytes by length and any other value as 8 bytes."""
+    from curate.executor import record_bytes
+    from curate.formats import raw_text
+
+    row = {"id": "r1", "image": b"\x89PNG\r\n", "turns": [{"n": 3}], "score": 0.5}
+    kept = json.loads(raw_text(row))
+    assert base64.b64decode(kept["image"]) == row["image"] and kept["turns"] == [{"n": 3}] and kept["score"] == 0.5
+    assert record_bytes(row) == len("r1") + len(row["image"]) + 8 + 8
