@@ -16,6 +16,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,21 @@ def processed(stage: Stage, batch: list[Sample], cache: Path) -> list[Verdict]:
         return stage.process(batch)
     finally:
         stage.teardown()
+
+
+def wait_for_batches(run_dir: str | Path, batches: int, process: subprocess.Popen | None = None,
+                     timeout: float = 120, poll: float = 0.05) -> None:
+    """Until the run in `run_dir` has committed `batches` batches, or `process` (its driver, when given) has ended,
+    or `timeout` seconds have passed: the moment a kill -9 test kills the run, mid-run."""
+    from curate.rundir import RunDir
+
+    run = RunDir(run_dir)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (process is None or process.poll() is None):
+        state = run.load_state()
+        if state is not None and state.batches_done >= batches:
+            return
+        time.sleep(poll)
 
 
 @contextlib.contextmanager

@@ -6,15 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, BundledRuns, assert_accounting, bundled_recipe_data, cli, shard_ids
-
-from curate.rundir import RunDir, RunState
+from conftest import REPO, BundledRuns, assert_accounting, bundled_recipe_data, cli, shard_ids, wait_for_batches
 
 MODEL_STAGES = {"base_model_solvable", "strategic_tool_judge"}
 CPU_STAGES = [{"image_integrity": {}}, {"image_dedup": {}}, {"format": {}}]
@@ -64,12 +61,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, generated: 
                "--cache", cache, "--no-progress"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        state = RunDir(killed).load_state()
-        if state is not None and state.batches_done >= 5:
-            break
-        time.sleep(0.02)
+    wait_for_batches(killed, 5, poll=0.02)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its workers, mid-run
     process.wait()
     assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
@@ -168,9 +160,7 @@ def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Pa
     process = subprocess.Popen([sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed),
                                 "--workers", "2", "--cache", cache, "--no-progress"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and ((RunDir(killed).load_state() or RunState("")).batches_done < 3):
-        time.sleep(0.05)
+    wait_for_batches(killed, 3)
     def is_sandbox(child: psutil.Process) -> bool:
         try:
             return "zygote.py" in " ".join(child.cmdline())

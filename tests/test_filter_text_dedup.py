@@ -9,23 +9,21 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import ONE_WORKER, REPO, assert_accounting, messages_row, shard_ids, write_jsonl
+from conftest import ONE_WORKER, REPO, assert_accounting, messages_row, shard_ids, wait_for_batches, write_jsonl
+from curate.filters.text_dedup import TextDedup
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor
 from curate.recipe import _validate, load_recipe
-from curate.rundir import RunDir
 from curate.sample import Message, Sample, TextPart, ToolCall
 from curate.samples.generate import paraphrase, with_context
 from curate.stage import StageContext, Verdict
 from curate.textnorm import Normaliser, char_shingles
-from curate.filters.text_dedup import TextDedup
 
 TESTS = Path(__file__).resolve().parent
 CORE_QUESTIONS = ["What is the total amount on this receipt?", "What word is written on the small green sign?",
@@ -261,12 +259,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_verdicts(tmp_path: Path) -> 
     driver = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(recipe), str(run_dir),
                                str(tmp_path / "c.sqlite")],
                               env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and driver.poll() is None:
-        state = RunDir(run_dir).load_state()
-        if state and state.batches_done >= 4:
-            break
-        time.sleep(0.05)
+    wait_for_batches(run_dir, 4, driver)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its workers, mid-run
     driver.wait()
     assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"

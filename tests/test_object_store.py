@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fsspec
@@ -17,7 +16,7 @@ import nbformat
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, cli, shard_ids
+from conftest import REPO, assert_accounting, cli, shard_ids, wait_for_batches
 from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 
 from curate.errors import UserError
@@ -149,12 +148,7 @@ def test_kill_9_then_resume_on_s3_equals_the_uninterrupted_run(s3: S3, generated
                                start_new_session=True)
     with s3.environment():
         run_dir = RunDir("s3://gen/runs/killed")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            state = run_dir.load_state()
-            if state is not None and state.batches_done >= 3:
-                break
-            time.sleep(0.05)
+        wait_for_batches("s3://gen/runs/killed", 3, process)
         os.killpg(process.pid, signal.SIGKILL)  # the driver and its workers, mid-run
         process.wait()
         assert not run_dir.is_complete(), "the run finished before it could be killed"

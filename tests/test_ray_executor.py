@@ -8,7 +8,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fsspec
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import (REPO, BundledRuns, assert_accounting, messages_row, shard_ids, stopped_at_commit,
-                      write_jsonl)
+                      wait_for_batches, write_jsonl)
 from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 from stage_fixtures import DiesOnItsSecondBatch, Explode, FirstN, HashBucket, Misbehave, Slow
 
@@ -158,12 +157,7 @@ def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_pa
     run_dir = tmp_path / "killed"
     driver = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, cluster, str(recipe), str(run_dir),
                                str(tmp_path / "c.sqlite")], env={**os.environ, "PYTHONPATH": str(TESTS)})
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and driver.poll() is None:
-        state = RunDir(run_dir).load_state()
-        if state and state.batches_done >= 3:
-            break
-        time.sleep(0.1)
+    wait_for_batches(run_dir, 3, driver, timeout=240, poll=0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     done = RunDir(run_dir).load_state().batches_done
