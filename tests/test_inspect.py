@@ -25,23 +25,22 @@ register_stage(RecordedVsActual)
 MODEL_STAGES = {"base_model_solvable", "strategic_tool_judge", "ambiguity_judge", "pass_rate_variance"}
 
 
-def run_recipe(tmp_path: Path, name: str, cache: Path, recipe: str = "metis_sft", extra_stage: bool = False,
-               batch_size: int = 256, cpu_only: bool = False) -> Path:
-    """A bundled recipe's `--local` run; `cpu_only` leaves out its model stages (probe, judge)."""
-    recipe_path = REPO / "recipes" / f"{recipe}.yaml"
-    if extra_stage or batch_size != 256 or cpu_only:
-        import yaml
+def run_recipe(tmp_path: Path, name: str, cache: Path, extra_stage: bool = False, batch_size: int = 256,
+               cpu_only: bool = False) -> Path:
+    """The bundled SFT recipe's `--local` run, changed as asked: `cpu_only` leaves out its model stages (probe,
+    judge), `extra_stage` appends `recorded_vs_actual`."""
+    import yaml
 
-        data = bundled_recipe_data(recipe)
-        if cpu_only:
-            data["stages"] = [stage for stage in data["stages"] if next(iter(stage)) not in MODEL_STAGES]
-            for profile in data.get("profiles", {}).values():
-                profile["stages"] = {k: v for k, v in profile["stages"].items() if k not in MODEL_STAGES}
-        if extra_stage:
-            data["stages"].append({"recorded_vs_actual": {}})
-        data["batch_size"] = batch_size
-        recipe_path = tmp_path / f"{name}.yaml"
-        recipe_path.write_text(yaml.safe_dump(data))
+    data = bundled_recipe_data("metis_sft")
+    if cpu_only:
+        data["stages"] = [stage for stage in data["stages"] if next(iter(stage)) not in MODEL_STAGES]
+        for profile in data.get("profiles", {}).values():
+            profile["stages"] = {k: v for k, v in profile["stages"].items() if k not in MODEL_STAGES}
+    if extra_stage:
+        data["stages"].append({"recorded_vs_actual": {}})
+    data["batch_size"] = batch_size
+    recipe_path = tmp_path / f"{name}.yaml"
+    recipe_path.write_text(yaml.safe_dump(data))
     LocalExecutor(load_recipe(recipe_path, profile="local"), tmp_path / name, cache_path=cache,
                   progress=False).run()
     return tmp_path / name
