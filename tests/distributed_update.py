@@ -34,10 +34,10 @@ def main(model: str, rollouts_file: str, out: str, *variants: str) -> None:
                                 reduce_every_micro_batch=reduce == "reduce")
             loaded, optimizer, _, _ = start_or_resume(config.out, model, device, config.lr, False, ranks)
             # AdamW's first step moves a weight by lr·g/(|g| + eps), about lr·sign(g) at the default eps 1e-8: an
-            # element whose gradient is near zero flips sign on summation-order noise and moves by 2·lr (seen in
-            # CI). At eps 1e-4, about an element's gradient after clipping to 0.05, a step moves at most lr/eps = 10
-            # times a gradient's noise, and a wrong gradient (a micro-batch lost or counted twice) still moves
-            # weights by far more than the comparison's 1e-6.
+            # element whose gradient is near zero flips sign on summation-order noise and moves by 2·lr. At eps 1e-4,
+            # about an element's gradient after clipping to 0.05, a step moves at most lr/eps = 10 times a
+            # gradient's noise, and a wrong gradient (a micro-batch lost or counted twice) still moves weights by far
+            # more than the comparison's 1e-6.
             for group in optimizer.param_groups:
                 group["eps"] = 1e-4
             mine = ranks.share(groups, "prompt groups")
