@@ -56,7 +56,8 @@ def converted(gguf: Path) -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    # The pid names the converting process: a folder of a live pid is a conversion under way, not a leftover.
+    scratch = Path(tempfile.mkdtemp(prefix=f".converting-{os.getpid()}-", dir=target.parent))
     try:
         _convert(gguf, scratch)
         os.replace(scratch, target)  # another process may have won the race; its folder is as good

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,9 @@ def test_gguf_is_converted_once_to_a_safetensors_folder() -> None:
     before = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(SMOLLM2) == str(folder) and resolve_model(str(smollm2_gguf())) == str(folder)
     assert (folder / "model.safetensors").stat().st_mtime_ns == before  # reused, not converted again
-    assert not list(folder.parent.glob(".converting-*"))  # no half-written folder left behind
+    # No half-written folder of this process left behind (another xdist worker may be converting right now:
+    # its folder carries its own pid).
+    assert not list(folder.parent.glob(f".converting-{os.getpid()}-*"))
 
 
 def test_missing_gguf_is_a_user_error() -> None:
