@@ -146,7 +146,7 @@ class BundledRuns:
         if recipe not in self._runs:
             run_dir = self.folder / recipe
             result = subprocess.run([sys.executable, "-m", "curate", "run", f"recipes/{recipe}.yaml", "--local", "-o",
-                                     str(run_dir), "--cache", str(self.cache), "--no-progress"],
+                                     str(run_dir), "--cache", str(self.cache)],
                                     capture_output=True, text=True, cwd=REPO, check=False, timeout=1200)
             assert result.returncode == 0, f"curate run {recipe} failed:\n{result.stderr[-3000:]}"
             self._runs[recipe] = run_dir, result

