@@ -1,5 +1,5 @@
 """HDPO's dilemma in miniature: GRPO, the coupled penalty r_acc - alpha·T, OTC-GRPO and HDPO (w_tool) trained
-from the same cold start on the toy suite of `curate.train.toy`, over several seeds.
+from the same cold start on the toy suite of `curate_testkit.toy`, over several seeds.
 
 Per configuration and measurement bucket (copy, hash, chain, lookup-known, lookup-new): the tool-call rate
 (share of rollouts with a call), the mean calls and the accuracy, before RL (the cold start) and after, as
@@ -45,8 +45,8 @@ def _quiet() -> None:
 
 
 def measured(checkpoint: Path, seed: int, samples: int) -> dict[str, Any]:
-    from curate.train.toy import toy_prompts
-    from curate.train.toy_runs import rates, sample_rollouts, tool_productivity
+    from curate_testkit.toy import toy_prompts
+    from curate_testkit.toy_runs import rates, sample_rollouts, tool_productivity
 
     rollouts = sample_rollouts(checkpoint, toy_prompts(), samples, seed)
     return {"rates": {name: vars(found) for name, found in rates(rollouts).items()},
@@ -55,7 +55,7 @@ def measured(checkpoint: Path, seed: int, samples: int) -> dict[str, Any]:
 
 def pretrain_job(folder: Path, seed: int, samples: int) -> dict[str, Any]:
     _quiet()
-    from curate.train.toy_runs import pretrain
+    from curate_testkit.toy_runs import pretrain
 
     started = time.perf_counter()
     cold = pretrain(folder, seed)
@@ -64,7 +64,7 @@ def pretrain_job(folder: Path, seed: int, samples: int) -> dict[str, Any]:
 
 def tune_job(cold: Path, out: Path, seed: int, samples: int, config: dict[str, Any]) -> dict[str, Any]:
     _quiet()
-    from curate.train.toy_runs import tune
+    from curate_testkit.toy_runs import tune
 
     started = time.perf_counter()
     tuned = tune(cold, out, seed, resume=False, **config)

@@ -1,8 +1,8 @@
 """Vectorised HDPO advantages (`curate.train.advantages`) vs a per-sample reference.
 
-The reference loops over prompts and rollouts in plain Python floats, written straight from the formulas;
-`tests/test_train_advantages.py` imports it from here, so there is one reference only. Its float64 arithmetic
-needs no special case for equal rewards: the mean of equal float32 values is then exact, and so is the 0.
+The reference (`curate_testkit.reference`, tests/support/reference.py) loops over prompts and rollouts in plain
+Python floats, written straight from the formulas; `tests/test_train_advantages.py` checks the vectorised side
+against the same one.
 
 Both compute the accuracy advantages (GRPO over all G rollouts) and the tool advantages (GRPO over the
 correct rollouts) of the same random batch, interleaved, repeated, medians reported. Target: >= 50x.
@@ -13,40 +13,15 @@ correct rollouts) of the same random batch, interleaved, repeated, medians repor
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from curate_testkit.reference import reference_grpo, reference_tool
 from torch import Tensor
 
 from curate.train.advantages import accuracy_rewards, grpo_advantages, tool_advantages, tool_rewards
-
-
-def standardise(values: list[float], eps: float) -> list[float]:
-    """(v - mean) / (population std + eps) for each value."""
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return [(v - mean) / (std + eps) for v in values]
-
-
-def reference_grpo(rewards: Tensor, eps: float = 1e-6) -> Tensor:
-    """GRPO advantages, one prompt at a time."""
-    return torch.tensor([standardise(group, eps) for group in rewards.tolist()])
-
-
-def reference_tool(r_tool: Tensor, eps: float = 1e-6) -> Tensor:
-    """Tool advantages, one prompt and rollout at a time: GRPO among the r_tool > 0 rollouts, 0 elsewhere."""
-    advantages = []
-    for group in r_tool.tolist():
-        qualifying = [r for r in group if r > 0]
-        if len(qualifying) < 2:
-            advantages.append([0.0] * len(group))
-            continue
-        standardised = iter(standardise(qualifying, eps))
-        advantages.append([next(standardised) if r > 0 else 0.0 for r in group])
-    return torch.tensor(advantages)
 
 
 def random_batch(prompts: int, rollouts: int, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -144,8 +144,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
+    from curate_testkit.toy import build_toy_policy
+
     from curate.generation.hf import load_model
-    from curate.train.toy import build_toy_policy
 
     with tempfile.TemporaryDirectory() as scratch:
         model = build_toy_policy(Path(scratch) / "model", hidden=args.hidden, layers=args.layers,

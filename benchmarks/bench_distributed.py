@@ -53,8 +53,9 @@ def collectives(out: str) -> None:
 def worker(kind: str, model: str, data: str, out: str, count: int) -> None:
     """Run under torchrun or alone: train (SFT: one epoch at `count` micro-batches a rank a step; HDPO: `count`
     steps), then write this rank's memory figures to OUT/memory-<rank>.json."""
-    import curate.train.hdpo  # noqa: F401  (imports before the baseline: their memory is not the model's)
     import transformers  # noqa: F401
+
+    import curate.train.hdpo  # noqa: F401  (imports before the baseline: their memory is not the model's)
 
     baseline = peak_rss_mib()
     if kind == "sft":
@@ -63,8 +64,9 @@ def worker(kind: str, model: str, data: str, out: str, count: int) -> None:
         train_sft(SFTConfig(model=model, shards=[Path(data)], out=Path(out), epochs=1, lr=1e-4, batch_size=4,
                             grad_accum=count, max_tokens=64, device="cpu"))
     else:
+        from curate_testkit.toy_runs import MAX_NEW_TOKENS, MAX_TOKENS, MAX_TURNS
+
         from curate.train.hdpo import HDPOConfig, train_hdpo
-        from curate.train.toy_runs import MAX_NEW_TOKENS, MAX_TOKENS, MAX_TURNS
 
         train_hdpo(HDPOConfig(model=model, shards=[Path(data)], out=Path(out), steps=count, prompts_per_step=8,
                               rollouts=4, lr=1e-4, max_turns=MAX_TURNS, max_new_tokens=MAX_NEW_TOKENS,
@@ -107,8 +109,9 @@ def main() -> None:
             worker(kind, model, data, out, int(steps))
         return
 
+    from curate_testkit.toy import build_toy_policy, cold_start_data, toy_prompts
+
     from curate.formats import get_format
-    from curate.train.toy import build_toy_policy, cold_start_data, toy_prompts
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

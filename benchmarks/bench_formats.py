@@ -1,6 +1,6 @@
 """Read throughput per format: the same generated trajectories written in every format, then read back.
 
-Distinct trajectories come from the sample generator (`curate.samples.generate`, python calls really
+Distinct trajectories come from the sample generator (`curate_testkit.sample_generator`, python calls really
 run); they are repeated under new ids up to `--rows`. Each format writes them in its first file type
 (a layout with no syntax for a call gets a call it can write instead: Mini-o3 a crop, code-only
 layouts a print), then the rows are read as the executors read them (`records` + `parse`), timed.
@@ -18,10 +18,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from curate_testkit.sample_generator import generate_sft
+
 from curate.formats import format_names, get_format, records
 from curate.formats.spec import SpecFormat
 from curate.sample import Message, Sample, ToolCall
-from curate.samples.generate import generate_sft
 
 FILE_NAMES = ("rows.jsonl", "dataset_info.json", "rows.parquet")  # the first each writer accepts
 

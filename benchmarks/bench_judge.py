@@ -15,14 +15,11 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from gemini_server import GeminiServer
+from curate_testkit.gemini_server import GeminiServer
 
 from curate.cache import Cache
 from curate.generation import Prompt

@@ -13,16 +13,13 @@ provider's turnaround (up to 24 h) is not simulated: what is measured is what cu
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 from bench_judge import requests, start_server
-from gemini_server import GeminiBatchServer
+from curate_testkit.gemini_server import GeminiBatchServer
 
 from curate.cache import Cache
 from curate.judges.backend import BatchBackend

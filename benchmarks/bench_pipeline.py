@@ -123,7 +123,7 @@ def compare_realistic(small: int, large: int, workers: int) -> None:
 
 def generate(rows: int, folder: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "curate.samples.generate", "--rows", str(rows), "--kind", "sft", "--format", "messages",
+        [sys.executable, "-m", "curate_testkit.sample_generator", "--rows", str(rows), "--kind", "sft", "--format", "messages",
          "--out", str(folder)],
         check=True, cwd=REPO, stdout=subprocess.DEVNULL,
     )
@@ -150,8 +150,7 @@ def run_recipe(data: str, out: str, workers: int, scratch: Path, env: dict[str, 
 
 def compare_s3(rows: int, workers: int) -> None:
     """The same run on local disk and on a local S3 server, side by side."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from s3_server import running_s3_server
+    from curate_testkit.s3_server import running_s3_server
 
     with tempfile.TemporaryDirectory() as tmp, running_s3_server() as (s3, _):
         scratch = Path(tmp)

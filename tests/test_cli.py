@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,25 +10,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, BundledRuns, assert_accounting, bundled_recipe_data, cli, shard_ids, wait_for_batches
+from conftest import REPO, BundledRuns, assert_accounting, bundled_recipe_data, cli, shard_ids
+from curate_testkit.harness import killed_mid_run, run_curate
 
 MODEL_STAGES = {"base_model_solvable", "strategic_tool_judge"}
 CPU_STAGES = [{"image_integrity": {}}, {"image_dedup": {}}, {"format": {}}]
-
-
-def curate(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"curate {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("generated")
     subprocess.run(
-        [sys.executable, "-m", "curate.samples.generate", "--rows", "600", "--kind", "sft", "--format", "messages",
-         "--out", str(folder)],
+        [sys.executable, "-m", "curate_testkit.sample_generator", "--rows", "600", "--kind", "sft", "--format",
+         "messages", "--out", str(folder)],
         check=True, cwd=REPO, capture_output=True,
     )
     (path,) = folder.glob("*.jsonl")
@@ -54,19 +47,17 @@ def result_of(run_dir: Path) -> tuple[list[str], list[tuple[str, str, str]], dic
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, generated: Path, workers: str) -> None:
     recipe = cpu_recipe(tmp_path, generated, batch_size=8)
     cache = str(tmp_path / "cache.sqlite")
-    curate("run", str(recipe), "-o", str(tmp_path / "clean"), "--workers", workers, "--cache", cache, "--no-progress")
+    run_curate("run", str(recipe), "-o", str(tmp_path / "clean"), "--workers", workers, "--cache", cache,
+               "--no-progress")
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "curate", "run", str(recipe), "-o", str(killed), "--workers", workers,
                "--cache", cache, "--no-progress"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    wait_for_batches(killed, 5, poll=0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and its workers, mid-run
-    process.wait()
+    with killed_mid_run(command, killed, 5, poll=0.02):
+        pass
     assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
 
-    curate("run", str(recipe), "-o", str(killed), "--workers", workers, "--cache", cache, "--no-progress")
+    run_curate("run", str(recipe), "-o", str(killed), "--workers", workers, "--cache", cache, "--no-progress")
     assert result_of(killed) == result_of(tmp_path / "clean")
 
 
@@ -106,7 +97,7 @@ def test_sample_recipe_runs_and_inspect_prints_funnel(bundled_runs: BundledRuns)
     judge = manifest["stages"][-1]
     assert judge["name"] == "strategic_tool_judge" and judge["in"] == judge["kept"] > 0
     assert all(stage["rejected"] > 0 for stage in manifest["stages"][:-1]), manifest["stages"]
-    inspect = curate("inspect", str(run_dir)).stdout
+    inspect = run_curate("inspect", str(run_dir)).stdout
     for stage in manifest["stages"]:
         assert stage["name"] in inspect
         for reason in stage["reasons"]:
@@ -155,25 +146,23 @@ def test_kill_9_during_sandbox_stages_leaves_no_process_and_resumes(tmp_path: Pa
     recipe = tmp_path / "sft.yaml"
     recipe.write_text(yaml.safe_dump(data))
     cache = str(tmp_path / "cache.sqlite")
-    curate("run", str(recipe), "--local", "-o", str(tmp_path / "clean"), "--cache", cache, "--no-progress")
+    run_curate("run", str(recipe), "--local", "-o", str(tmp_path / "clean"), "--cache", cache, "--no-progress")
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed),
-                                "--workers", "2", "--cache", cache, "--no-progress"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for_batches(killed, 3)
     def is_sandbox(child: psutil.Process) -> bool:
         try:
             return "zygote.py" in " ".join(child.cmdline())
         except psutil.NoSuchProcess:  # a short-lived child that ended between listing and reading
             return False
 
-    sandboxes = [p for p in psutil.Process(process.pid).children(recursive=True) if is_sandbox(p)]
-    assert sandboxes, "the run had no sandbox workers when it was killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    command = [sys.executable, "-m", "curate", "run", str(recipe), "--local", "-o", str(killed), "--workers", "2",
+               "--cache", cache, "--no-progress"]
+    with killed_mid_run(command, killed, 3) as process:
+        sandboxes = [p for p in psutil.Process(process.pid).children(recursive=True) if is_sandbox(p)]
+        assert sandboxes, "the run had no sandbox workers when it was killed"
     assert not (killed / "manifest.json").exists()
     # bwrap's --die-with-parent and the workers' closed pipes take the sandboxes down with the run.
     gone, alive = psutil.wait_procs(sandboxes, timeout=10)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-    curate("run", str(recipe), "--local", "-o", str(killed), "--workers", "2", "--cache", cache, "--no-progress")
+    run_curate("run", str(recipe), "--local", "-o", str(killed), "--workers", "2", "--cache", cache,
+               "--no-progress")
     assert result_of(killed) == result_of(tmp_path / "clean")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import assert_accounting, messages_row, shard_ids, stopped_at_commit, write_jsonl
-from stage_fixtures import Explode, FirstN, HashBucket, PreparedInWorkers
+from curate_testkit.stage_fixtures import Explode, FirstN, HashBucket, PreparedInWorkers
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor, StageError

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, assert_accounting, shard_ids
-from gemini_server import GeminiServer
-from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
+from curate_testkit.gemini_server import GeminiServer
+from curate_testkit.s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 from test_judges import KEY, pointless_if_hello, trajectory
 
 from curate.formats import get_format

@@ -9,12 +9,14 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, messages_row, png_bytes, processed, write_jsonl
-from servers import ChatServer, last_user_text
+from conftest import REPO, messages_row, processed, write_jsonl
+from curate_testkit.counting import count_prompts
+from curate_testkit.pictures import png_bytes
+from curate_testkit.servers import ChatServer, last_user_text
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor
-from curate.generation import installed_vllm
+from curate.generation import LazyGenerator, installed_vllm
 from curate.recipe import load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall
 from curate.filters.base_model_solvable import BaseModelSolvable
@@ -40,13 +42,15 @@ def run(batch: list[Sample], cache: Path, **options: Any) -> tuple[BaseModelSolv
     return stage, processed(stage, batch, cache)
 
 
-def test_real_model_rejects_what_it_always_solves_and_keeps_the_hard_one(tmp_path: Path) -> None:
+def test_real_model_rejects_what_it_always_solves_and_keeps_the_hard_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     batch = [trajectory("easy", EASY, "lemon"), trajectory("hard", HARD, str(4821 * 53312 - 123456789)),
              trajectory("own-answer", EASY, None, final="The word is <answer>lemon</answer>"),
              trajectory("no-truth", HARD, None, final="")]
     batch[3].messages[-1].content = [TextPart("")]
     options = {"model": "smollm2-135m", "k": 4, "temperature": 0.0, "max_tokens": 16}
-    stage, verdicts = run(batch, tmp_path / "c.sqlite", **options)
+    sent = count_prompts(monkeypatch, LazyGenerator)
+    _, verdicts = run(batch, tmp_path / "c.sqlite", **options)
     assert [(v.keep, v.reason) for v in verdicts] == [
         (False, "solvable"), (True, ""), (False, "solvable"), (False, "no_ground_truth")]
     easy = batch[0].meta["base_model_solvable"]
@@ -54,10 +58,11 @@ def test_real_model_rejects_what_it_always_solves_and_keeps_the_hard_one(tmp_pat
     assert all(answer.lower().startswith("lemon") for answer in easy["answers"])
     assert "pass@4 = 1 without tools" in verdicts[0].detail and "'lemon'" in verdicts[0].detail
     assert batch[1].meta["base_model_solvable"]["correct"] == [False] * 4
-    assert stage.generator.calls == 3  # one prompt each for the three with a ground truth
+    assert sent.prompts == 3  # one prompt each for the three with a ground truth
 
-    again, repeated = run(batch, tmp_path / "c.sqlite", **options)
-    assert again.generator.calls == 0  # every answer came from the cache
+    sent_again = count_prompts(monkeypatch, LazyGenerator)
+    _, repeated = run(batch, tmp_path / "c.sqlite", **options)
+    assert sent_again.prompts == 0  # every answer came from the cache
     assert repeated == verdicts
 
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import png_bytes
+from curate_testkit.pictures import png_bytes
 from PIL import Image as PILImage
 from PIL import ImageOps
 

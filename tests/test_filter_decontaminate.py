@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, png_bytes
+from conftest import REPO
+from curate_testkit.pictures import png_bytes
 from PIL import Image as PILImage
 
 import curate.filters.decontaminate as decontaminate_module

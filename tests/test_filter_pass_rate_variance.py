@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import png_bytes, processed
-from servers import ChatServer, last_user_text
+from conftest import processed
+from curate_testkit.pictures import png_bytes
+from curate_testkit.servers import ChatServer, last_user_text
 
 from curate.formats import get_format, records
 from curate.sample import Image, ImagePart, Message, Sample, TextPart

@@ -6,26 +6,24 @@ import os
 import pickle
 import random
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import ONE_WORKER, REPO, assert_accounting, messages_row, shard_ids, wait_for_batches, write_jsonl
+from conftest import ONE_WORKER, REPO, assert_accounting, messages_row, shard_ids, write_jsonl
 from curate.filters.text_dedup import TextDedup
+from curate_testkit.harness import killed_mid_run
+from curate_testkit.sample_generator import paraphrase, with_context
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor
 from curate.recipe import _validate, load_recipe
 from curate.sample import Message, Sample, TextPart, ToolCall
-from curate.samples.generate import paraphrase, with_context
 from curate.stage import StageContext, Verdict
 from curate.textnorm import Normaliser, char_shingles
 
-TESTS = Path(__file__).resolve().parent
 CORE_QUESTIONS = ["What is the total amount on this receipt?", "What word is written on the small green sign?",
                   "What is the difference between the tallest and the shortest bar?",
                   "Who designed the landmark on this postcard?"]
@@ -235,7 +233,7 @@ def outcome(run_dir: Path) -> tuple[list[str], list[tuple[str, str, str, str]], 
 KILLABLE_RUN = """
 import sys
 from pathlib import Path
-import stage_fixtures
+from curate_testkit import stage_fixtures
 from curate.registry import register_stage
 register_stage(stage_fixtures.Slow)
 from curate.executor import LocalExecutor
@@ -246,7 +244,7 @@ LocalExecutor(load_recipe(Path(recipe)), Path(run_dir), workers=2, cache_path=Pa
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_verdicts(tmp_path: Path) -> None:
-    from stage_fixtures import Slow
+    from curate_testkit.stage_fixtures import Slow
 
     from curate.registry import register_stage
     register_stage(Slow)
@@ -255,13 +253,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_verdicts(tmp_path: Path) -> 
     LocalExecutor(load_recipe(recipe), tmp_path / "clean", workers=2, cache_path=tmp_path / "c.sqlite",
                   progress=False).run()
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")])}
-    driver = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, str(recipe), str(run_dir),
-                               str(tmp_path / "c.sqlite")],
-                              env=env, start_new_session=True)
-    wait_for_batches(run_dir, 4, driver)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its workers, mid-run
-    driver.wait()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with killed_mid_run([sys.executable, "-c", KILLABLE_RUN, str(recipe), str(run_dir), str(tmp_path / "c.sqlite")],
+                        run_dir, 4, env=env):
+        pass
     assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
     resumed = LocalExecutor(load_recipe(recipe), run_dir, workers=2, cache_path=tmp_path / "c.sqlite",
                             progress=False).run()

@@ -9,7 +9,7 @@ import fsspec
 import pytest
 import yaml
 from conftest import assert_accounting
-from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
+from curate_testkit.s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor
@@ -122,10 +122,10 @@ def test_force_refuses_a_bucket_root_and_clears_a_run_inside_one(s3: S3, tmp_pat
 
 def test_a_checkpoint_folder_curate_did_not_write_is_never_replaced(tmp_path: Path) -> None:
     import torch
+    from curate_testkit.toy import build_toy_policy
 
     from curate.generation.hf import load_model
     from curate.train.checkpoint import save_checkpoint
-    from curate.train.toy import build_toy_policy
 
     loaded = load_model(str(build_toy_policy(tmp_path / "toy", hidden=32, heads=1)), "cpu", "float32")
     optimizer = torch.optim.AdamW(loaded.net.parameters())

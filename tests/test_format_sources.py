@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import assert_accounting, png_bytes
+from conftest import assert_accounting
+from curate_testkit.pictures import png_bytes
 
 from curate.cli import main
 from curate.errors import UserError

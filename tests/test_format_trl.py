@@ -8,7 +8,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-from conftest import png_bytes
+from curate_testkit.pictures import png_bytes
 from PIL import Image as PILImage
 from test_formats import jpeg_bytes, read_all, trajectory
 

@@ -10,7 +10,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import png_bytes
+from curate_testkit.pictures import png_bytes
 from PIL import Image as PILImage
 
 from curate.errors import UserError

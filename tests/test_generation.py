@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import png_bytes
-from vllm_device import VLLM_OPTIONS, needs_vllm
+from curate_testkit.counting import count_prompts
+from curate_testkit.pictures import png_bytes
+from curate_testkit.vllm_device import VLLM_OPTIONS, needs_vllm
 
 from curate.errors import UserError
 from curate.generation import BackendSpec, Prompt, SamplingParams, make_generator
 from curate.generation.hf import TransformersGenerator, cache_keyword
-from curate.generation.vllm import build_requests, sampling_kwargs
+from curate.generation.vllm import VLLMGenerator, build_requests, sampling_kwargs
 from curate.models import SMOLLM2, resolve_model, smollm2_gguf
 from curate.sample import Image, ImagePart, Message, TextPart
 
@@ -48,7 +49,9 @@ def test_missing_gguf_is_a_user_error() -> None:
         resolve_model("/nowhere.gguf")
 
 
-def test_n_completions_per_prompt_in_order_across_batches(smol: TransformersGenerator) -> None:
+def test_n_completions_per_prompt_in_order_across_batches(smol: TransformersGenerator,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, TransformersGenerator)
     prompts = [question(f"Repeat the word: {w}. Answer with the word only.") for w in ("lemon", "piano", "lemon")]
     greedy = smol.generate(prompts, 3, SamplingParams(temperature=0, max_tokens=8))
     assert [len(c) for c in greedy] == [3, 3, 3]
@@ -56,7 +59,7 @@ def test_n_completions_per_prompt_in_order_across_batches(smol: TransformersGene
     assert "lemon" in greedy[0][0].lower() and "piano" in greedy[1][0].lower()
     sampled = smol.generate(prompts[:1], 6, SamplingParams(temperature=1.0, max_tokens=12, seed=1))
     assert len(sampled[0]) == 6 and len(set(sampled[0])) > 1  # sampling: different answers
-    assert smol.calls == 4
+    assert sent.prompts == 4
 
 
 def test_shared_prefill_generates_what_plain_generate_does(smol: TransformersGenerator) -> None:
@@ -102,7 +105,8 @@ def test_vllm_backend_without_vllm_says_what_to_install() -> None:
 # Small engines: eager (no graph compilation), float32 as the transformers backend on the CPU, a 256 MiB KV cache.
 @needs_vllm
 def test_vllm_backend_samples_n_completions_and_its_greedy_answers_are_the_transformers_ones(
-        smol: TransformersGenerator) -> None:
+        smol: TransformersGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, VLLMGenerator)
     generator = make_generator(BackendSpec("vllm", SMOLLM2, VLLM_OPTIONS))
     try:
         prompts = [question("Repeat the word: lemon. Answer with the word only."), question("What is 2+2?")]
@@ -113,7 +117,7 @@ def test_vllm_backend_samples_n_completions_and_its_greedy_answers_are_the_trans
     assert [len(completions) for completions in sampled] == [4, 4] and len(set(sampled[1])) > 1
     assert [len(completions) for completions in greedy] == [3, 3] and all(len(set(c)) == 1 for c in greedy)
     assert greedy == smol.generate(prompts, 3, SamplingParams(temperature=0.0, max_tokens=8))
-    assert generator.calls == 4
+    assert sent.prompts == 4
 
 
 @needs_vllm

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import png_bytes
-from servers import ChatServer, last_user_text
+from curate_testkit.counting import count_prompts
+from curate_testkit.pictures import png_bytes
+from curate_testkit.servers import ChatServer, last_user_text
 
 from curate.cache import Cache
 from curate.generation import BackendSpec, Prompt, SamplingParams, generate_cached, make_generator
@@ -33,7 +34,8 @@ def generator(server: ChatServer, **options: Any) -> OpenAIGenerator:
     return OpenAIGenerator("test-model", base_url=server.base_url, **{"backoff": 0.01, **options})
 
 
-def test_request_carries_model_sampling_and_images_as_data_urls() -> None:
+def test_request_carries_model_sampling_and_images_as_data_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, OpenAIGenerator)
     image = png_bytes(7)
     with ChatServer() as server:
         gen = generator(server)
@@ -47,7 +49,7 @@ def test_request_carries_model_sampling_and_images_as_data_urls() -> None:
     assert picture["type"] == "image_url" and url.startswith("data:image/png;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == image
     assert "authorization" not in server.headers[0]
-    assert (gen.calls, gen.requests) == (1, 1)
+    assert (sent.prompts, gen.requests) == (1, 1)
 
 
 def test_send_images_false_sends_text_only() -> None:
@@ -56,7 +58,8 @@ def test_send_images_false_sends_text_only() -> None:
     assert server.requests[0]["messages"] == [{"role": "user", "content": "Describe."}]
 
 
-def test_results_keep_prompt_order_under_concurrency() -> None:
+def test_results_keep_prompt_order_under_concurrency(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, OpenAIGenerator)
     in_flight, peak, lock = [0], [0], threading.Lock()
 
     def answer(body: dict[str, Any], index: int) -> str:
@@ -73,33 +76,36 @@ def test_results_keep_prompt_order_under_concurrency() -> None:
         results = gen.generate([prompt(f"p{k}") for k in range(40)], 3, PARAMS)
     assert results == [[f"p{k}/{i}" for i in range(3)] for k in range(40)]
     assert 1 < peak[0] <= 8
-    assert (gen.calls, gen.requests) == (40, 40)
+    assert (sent.prompts, gen.requests) == (40, 40)
 
 
-def test_server_ignoring_n_is_asked_again_with_new_seeds() -> None:
+def test_server_ignoring_n_is_asked_again_with_new_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, OpenAIGenerator)
     with ChatServer(answer=lambda body, index: f"seed {body['seed']}", max_n=1) as server:
         gen = generator(server)
         assert gen.generate([prompt("q")], 3, PARAMS) == [["seed 3", "seed 4", "seed 5"]]
     assert [body["n"] for body in server.requests] == [3, 2, 1]
-    assert (gen.calls, gen.requests) == (1, 3)
+    assert (sent.prompts, gen.requests) == (1, 3)
 
 
-def test_429_is_retried_after_retry_after() -> None:
+def test_429_is_retried_after_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, OpenAIGenerator)
     with ChatServer(retry_after=0.1) as server:
         server.faults.append("429")
         gen = generator(server, backoff=0.001)
         start = time.monotonic()
         assert gen.generate([prompt("q")], 1, PARAMS) == [["q"]]
         assert time.monotonic() - start >= 0.1
-    assert (gen.calls, gen.requests, len(server.requests)) == (1, 2, 2)
+    assert (sent.prompts, gen.requests, len(server.requests)) == (1, 2, 2)
 
 
-def test_server_errors_garbage_drops_and_timeouts_are_retried() -> None:
+def test_server_errors_garbage_drops_and_timeouts_are_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, OpenAIGenerator)
     with ChatServer(slow_seconds=0.5) as server:
         server.faults.extend(["500", "garbage", "drop", "slow"])
         gen = generator(server, timeout=0.2, max_retries=4)
         assert gen.generate([prompt("q")], 1, PARAMS) == [["q"]]
-    assert (gen.calls, gen.requests, len(server.requests)) == (1, 5, 5)
+    assert (sent.prompts, gen.requests, len(server.requests)) == (1, 5, 5)
 
 
 def test_client_error_fails_at_once_with_one_line() -> None:
@@ -149,16 +155,17 @@ def test_api_key_is_sent_but_never_reported(monkeypatch: pytest.MonkeyPatch) -> 
         assert secret not in text
 
 
-def test_generate_cached_sends_only_misses(tmp_path: Path) -> None:
+def test_generate_cached_sends_only_misses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = count_prompts(monkeypatch, OpenAIGenerator)
     with ChatServer() as server, Cache(tmp_path / "c.sqlite") as cache:
         gen = make_generator(BackendSpec("openai", "test-model", {"base_url": server.base_url, "backoff": 0.01}))
         assert isinstance(gen, OpenAIGenerator)
         prompts = [prompt("a", png_bytes(1)), prompt("b")]
         first = generate_cached(gen, cache, prompts, 2, PARAMS)
         assert first == [["a", "a"], ["b", "b"]]
-        assert (len(server.requests), gen.calls) == (2, 2)
+        assert (len(server.requests), sent.prompts) == (2, 2)
         assert generate_cached(gen, cache, prompts, 2, PARAMS) == first
-        assert (len(server.requests), gen.calls) == (2, 2)
+        assert (len(server.requests), sent.prompts) == (2, 2)
         assert generate_cached(gen, cache, [*prompts, prompt("c")], 2, PARAMS)[2] == ["c", "c"]
-        assert (len(server.requests), gen.calls) == (3, 3)
+        assert (len(server.requests), sent.prompts) == (3, 3)
         gen.close()

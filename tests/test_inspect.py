@@ -11,7 +11,7 @@ import nbformat
 import polars as pl
 import pytest
 from conftest import REPO, BundledRuns, bundled_recipe_data, cli, stopped_at_commit
-from stage_fixtures import RecordedVsActual
+from curate_testkit.stage_fixtures import RecordedVsActual
 
 from curate.executor import LocalExecutor
 from curate.formats import get_format, records

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, assert_accounting, png_bytes, processed
-from gemini_server import GeminiBatchServer, GeminiServer, request_text
+from conftest import REPO, assert_accounting, processed
+from curate_testkit.pictures import png_bytes
+from curate_testkit.gemini_server import GeminiBatchServer, GeminiServer, request_text
 from test_judges import KEY, pointless_if_hello, sft_recipe, trajectory
 
 from curate.cache import Cache

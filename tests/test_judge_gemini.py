@@ -9,8 +9,8 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import png_bytes
-from gemini_server import GeminiServer, request_images, request_text, system_text
+from curate_testkit.pictures import png_bytes
+from curate_testkit.gemini_server import GeminiServer, request_images, request_text, system_text
 from PIL import Image as PILImage
 from pydantic import BaseModel
 

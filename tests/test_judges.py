@@ -15,11 +15,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, cli, png_bytes, processed, shard_ids
-from gemini_server import GeminiServer, request_images, request_text, system_text
+from conftest import REPO, assert_accounting, cli, processed, shard_ids
+from curate_testkit.pictures import png_bytes
+from curate_testkit.gemini_server import GeminiServer, request_images, request_text, system_text
 from google import genai
 from google.genai import Client as GenaiClient
-from servers import ChatServer
+from curate_testkit.servers import ChatServer
 
 from curate.executor import LocalExecutor, StageError
 from curate.formats import get_format

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from curate.generation.hf import load_model
 from curate.train.logprobs import ChunkedLogprobs, token_logprobs
-from curate.train.toy import build_toy_policy
+from curate_testkit.toy import build_toy_policy
 
 
 def full_vocabulary_logprobs(net: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:

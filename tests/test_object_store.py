@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +15,9 @@ import nbformat
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, assert_accounting, cli, shard_ids, wait_for_batches
-from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
+from conftest import REPO, assert_accounting, cli, shard_ids
+from curate_testkit.harness import killed_mid_run
+from curate_testkit.s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor
@@ -125,8 +125,8 @@ def test_globs_expand_on_the_store_in_order(s3: S3, sample_on_s3: str, tmp_path:
 @pytest.fixture(scope="module")
 def generated_on_s3(s3: S3, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     folder = tmp_path_factory.mktemp("generated")
-    subprocess.run([sys.executable, "-m", "curate.samples.generate", "--rows", "160", "--kind", "sft", "--format",
-                    "messages", "--out", str(folder)], check=True, cwd=REPO, capture_output=True)
+    subprocess.run([sys.executable, "-m", "curate_testkit.sample_generator", "--rows", "160", "--kind", "sft",
+                    "--format", "messages", "--out", str(folder)], check=True, cwd=REPO, capture_output=True)
     (path,) = folder.glob("*.jsonl")
     with s3.environment():
         fsspec.filesystem("s3").mkdir("gen")
@@ -144,13 +144,10 @@ def test_kill_9_then_resume_on_s3_equals_the_uninterrupted_run(s3: S3, generated
     command = [sys.executable, "-m", "curate", "run", str(recipe), "-o", "s3://gen/runs/killed", "--workers", "2",
                "--cache", cache, "--no-progress"]
     env = {**os.environ, **s3.env}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
     with s3.environment():
         run_dir = RunDir("s3://gen/runs/killed")
-        wait_for_batches("s3://gen/runs/killed", 3, process)
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and its workers, mid-run
-        process.wait()
+        with killed_mid_run(command, "s3://gen/runs/killed", 3, env=env):
+            pass
         assert not run_dir.is_complete(), "the run finished before it could be killed"
         assert 3 <= run_dir.load_state().batches_done < 20
     resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)

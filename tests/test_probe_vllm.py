@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import assert_accounting, messages_row, stopped_at_commit, write_jsonl
 from test_executor import outcome
-from vllm_device import VLLM_OPTIONS, needs_vllm, sharing
+from curate_testkit.vllm_device import VLLM_OPTIONS, needs_vllm, sharing
 
 import curate.generation
 from curate.models import SMOLLM2

@@ -14,10 +14,10 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import (REPO, BundledRuns, assert_accounting, messages_row, shard_ids, stopped_at_commit,
-                      wait_for_batches, write_jsonl)
-from s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
-from stage_fixtures import DiesOnItsSecondBatch, Explode, FirstN, HashBucket, Misbehave, Slow
+from conftest import REPO, BundledRuns, assert_accounting, messages_row, shard_ids, stopped_at_commit, write_jsonl
+from curate_testkit.harness import wait_for_batches
+from curate_testkit.s3_server import S3, s3, s3_server  # noqa: F401 (fixtures)
+from curate_testkit.stage_fixtures import DiesOnItsSecondBatch, Explode, FirstN, HashBucket, Misbehave, Slow
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor, SourceReader, StageError
@@ -32,15 +32,14 @@ from curate.ray_executor import Failure, RayExecutor, forwarded_environment, pla
 for stage in (HashBucket, FirstN, Explode, Slow, Misbehave, DiesOnItsSecondBatch):
     register_stage(stage)
 
-TESTS = Path(__file__).resolve().parent
-
 
 @pytest.fixture(scope="module")
 def cluster(s3: S3) -> str:
     """A real local Ray cluster of 2 CPUs, configured as an operator would: workers import the test stages from
-    this folder, and hold the object store's credentials in their own environment (no job brings them)."""
+    their installed package (curate_testkit), and hold the object store's credentials in their own environment (no
+    job brings them)."""
     with s3.environment():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+        ray.init(num_cpus=2, include_dashboard=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -117,12 +116,12 @@ def test_every_stage_side_failure_reaches_both_executors_as_a_stage_error_with_t
 def test_cli_reports_a_stage_failure_in_one_line_and_how_to_resume(cluster: str, tmp_path: Path) -> None:
     rows = [messages_row(i, question="BOOM here" if i == 3 else None) for i in range(8)]
     recipe = recipe_file(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), [{"explode": {}}])
-    script = ("import sys, stage_fixtures; from curate.registry import register_stage;"
+    script = ("import sys; from curate_testkit import stage_fixtures; from curate.registry import register_stage;"
               " register_stage(stage_fixtures.Explode); from curate.cli import main; main()")
     result = subprocess.run(
         [sys.executable, "-c", script, "run", str(recipe), "--executor", "ray", "--address", cluster,
          "-o", str(tmp_path / "run"), "--cache", str(tmp_path / "c.sqlite"), "--no-progress"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(TESTS)}, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.splitlines()
@@ -138,7 +137,7 @@ def test_cli_reports_a_stage_failure_in_one_line_and_how_to_resume(cluster: str,
 KILLABLE_RUN = """
 import sys
 from pathlib import Path
-import stage_fixtures
+from curate_testkit import stage_fixtures
 from curate.registry import register_stage
 for stage in (stage_fixtures.HashBucket, stage_fixtures.FirstN, stage_fixtures.Slow):
     register_stage(stage)
@@ -156,7 +155,7 @@ def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_pa
     clean = LocalExecutor(load_recipe(recipe), tmp_path / "clean", cache_path=tmp_path / "c.sqlite", progress=False).run()
     run_dir = tmp_path / "killed"
     driver = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, cluster, str(recipe), str(run_dir),
-                               str(tmp_path / "c.sqlite")], env={**os.environ, "PYTHONPATH": str(TESTS)})
+                               str(tmp_path / "c.sqlite")])
     wait_for_batches(run_dir, 3, driver, timeout=240, poll=0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -172,7 +171,7 @@ def test_killed_ray_run_resumes_to_the_uninterrupted_result(cluster: str, tmp_pa
 # A driver that may not open any input file: only the workers read them, straight from the store.
 DRIVER_THAT_NEVER_READS = """
 import sys
-import stage_fixtures
+from curate_testkit import stage_fixtures
 from curate import storage
 from curate.registry import register_stage
 for stage in (stage_fixtures.HashBucket, stage_fixtures.FirstN):
@@ -202,7 +201,7 @@ def test_ray_workers_read_inputs_straight_from_s3(cluster: str, s3: S3, tmp_path
     recipe.write_text(yaml.safe_dump({"name": "t", "input": {"paths": ["s3://ray/in/*.jsonl"], "format": "messages"},
                                       "stages": stages, "output": {"kind": "sft", "shard_rows": 7}, "batch_size": 5}))
     driver = subprocess.run([sys.executable, "-c", DRIVER_THAT_NEVER_READS, cluster, str(recipe), "s3://ray/run",
-                             str(tmp_path / "c.sqlite")], env={**os.environ, **s3.env, "PYTHONPATH": str(TESTS)},
+                             str(tmp_path / "c.sqlite")], env={**os.environ, **s3.env},
                             capture_output=True, text=True)
     assert driver.returncode == 0, driver.stderr[-3000:]
     with s3.environment():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stage_fixtures import FirstN, HashBucket
+from curate_testkit.stage_fixtures import FirstN, HashBucket
 
 from curate.errors import UserError
 from curate.recipe import load_recipe

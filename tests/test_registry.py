@@ -143,10 +143,9 @@ class Echo:
     '''A generation backend of another package: answers every prompt with `reply`.'''
 
     def __init__(self, model, reply="<answer>4</answer>"):
-        self.backend, self.model, self.calls, self.reply = "echo", model, 0, reply
+        self.backend, self.model, self.reply = "echo", model, reply
 
     def generate(self, prompts, n, params):
-        self.calls += len(prompts)
         return [[self.reply] * n for _ in prompts]
 
     def close(self):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import processed
-from gemini_server import GeminiServer
-from servers import ChatServer
+from curate_testkit.gemini_server import GeminiServer
+from curate_testkit.servers import ChatServer
 
 from curate.generation import Prompt, SamplingParams
 from curate.generation.openai import ChatClient, ChatRejected, OpenAIGenerator

@@ -9,11 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 from conftest import REPO, BundledRuns, assert_accounting
+from curate_testkit.sample_generator import SFT_DEFECTS, generate_rl, generate_sft, run_python, write_sample_data
 from PIL import Image as PILImage
 
 from curate.formats import get_format, records
 from curate.recipe import Recipe, load_recipe
-from curate.samples.generate import SFT_DEFECTS, generate_rl, generate_sft, run_python, write_sample_data
 
 SAMPLE_DIR = REPO / "data" / "sample"
 

@@ -23,7 +23,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import assert_accounting, png_bytes
+from conftest import assert_accounting
+from curate_testkit.pictures import png_bytes
 
 from curate.errors import UserError
 from curate.executor import LocalExecutor

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from curate_testkit.toy import build_toy_policy, hashed, toy_prompt, toy_trajectory
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
@@ -21,7 +22,6 @@ from curate.train.advantages import accuracy_rewards, grpo_advantages, otc_advan
 from curate.train.chat import ChatEncoder, policy_turns
 from curate.train.hdpo import HDPOConfig, advantages, format_ok
 from curate.train.rollout import RolloutConfig, RolloutEngine
-from curate.train.toy import build_toy_policy, hashed, toy_prompt, toy_trajectory
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def curate_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_hdpo_asks_an_llm_judge_for_answers_the_rules_cannot_decide(tmp_path: Path) -> None:
     """`--judge-backend openai`: free-text answers go to a judge server saying CORRECT; the reward follows it."""
-    from servers import ChatServer
+    from curate_testkit.servers import ChatServer
 
     model = build_toy_policy(tmp_path / "toy")
     prompts = tmp_path / "rl.parquet"

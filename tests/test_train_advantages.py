@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_advantages import reference_grpo, reference_tool
+from curate_testkit.reference import reference_grpo, reference_tool
 
 from curate.train.advantages import (
     accuracy_rewards,

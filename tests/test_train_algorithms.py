@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from curate_testkit.toy import build_toy_policy, toy_prompt
 from test_train_microbatch import random_rollouts
 
 from curate.generation.hf import LoadedModel, load_model
@@ -16,7 +17,6 @@ from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.algorithms import ALGORITHMS, Algorithm, accuracy, tool_efficiency
 from curate.train.hdpo import HDPOConfig, advantages, hdpo_step, update
 from curate.train.rollout import RolloutConfig, RolloutEngine
-from curate.train.toy import build_toy_policy, toy_prompt
 from curate.verify import AnswerVerifier
 
 # Two prompts, G = 4: groups with two or more correct rollouts and different tool counts, so both channels carry a

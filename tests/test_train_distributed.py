@@ -19,15 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, cli
+from curate_testkit import distributed_update
+from curate_testkit.harness import run_curate
+from curate_testkit.toy import build_toy_policy, cold_start_data, hashed, toy_prompts
+from curate_testkit.vllm_device import VLLM_DEVICE, needs_vllm
 from torch.distributed.checkpoint import FileSystemReader
-from vllm_device import VLLM_DEVICE, needs_vllm
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.checkpoint import checkpoint_weights, is_sharded_checkpoint
 from curate.train.rollout import RolloutConfig, RolloutEngine
-from curate.train.toy import build_toy_policy, cold_start_data, hashed, toy_prompts
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
@@ -48,10 +50,7 @@ def sft_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def curate(*args: str, nproc: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     launch = ["--nproc", str(nproc)] if nproc else []
-    result = subprocess.run([sys.executable, "-m", "curate", *args, *launch], capture_output=True, text=True,
-                            cwd=REPO, env=ENV, check=False, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_curate(*args, *launch, env=ENV, timeout=timeout)
 
 
 def sft(shard: Path, model: Path, out: Path, epochs: int, grad_accum: int, nproc: int | None = None) -> None:
@@ -218,7 +217,7 @@ def updates(toy: Path, rollout_groups: Path, tmp_path_factory: pytest.TempPathFa
     """OUT/one/0: the one-process update of all the rollouts in one pass; OUT/two/VARIANT: two processes' update
     (see `distributed_update.py` for the variants)."""
     out = tmp_path_factory.mktemp("updates")
-    worker = [str(REPO / "tests" / "distributed_update.py"), str(toy), str(rollout_groups)]
+    worker = [distributed_update.__file__, str(toy), str(rollout_groups)]
     subprocess.run([sys.executable, *worker, str(out / "one"), "0"], check=True, env=ENV, timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *worker,
                     str(out / "two"), *VARIANTS], check=True, env=ENV, timeout=600, capture_output=True)

@@ -6,21 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import REPO
+from curate_testkit.harness import run_curate
+from curate_testkit.toy import build_toy_policy, cold_start_data, toy_prompts
 
 from curate.formats import get_format
 from curate.train.checkpoint import is_sharded_checkpoint
-from curate.train.toy import build_toy_policy, cold_start_data, toy_prompts
-
-
-def curate_cli(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO,
-                            check=False, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_sft_then_micro_batched_hdpo_through_the_cli(tmp_path: Path) -> None:
@@ -28,14 +20,14 @@ def test_sft_then_micro_batched_hdpo_through_the_cli(tmp_path: Path) -> None:
     sft_shard, rl_shard = tmp_path / "sft.parquet", tmp_path / "rl.parquet"
     get_format("messages").write(cold_start_data(("hash", "chain"), range(3, 7)), sft_shard)
     get_format("verl").write(toy_prompts(("copy", "hash"), range(1, 5)), rl_shard)
-    curate_cli("train", "sft", str(sft_shard), "--model", str(model), "-o", str(tmp_path / "train-sft"),
-               "--batch-size", "2", "--max-tokens", "1024", "--lr", "1e-3")
+    run_curate("train", "sft", str(sft_shard), "--model", str(model), "-o", str(tmp_path / "train-sft"),
+               "--batch-size", "2", "--max-tokens", "1024", "--lr", "1e-3", timeout=600)
     checkpoint = tmp_path / "train-sft" / "checkpoint-000004"  # 8 trajectories, 2 a step
     assert is_sharded_checkpoint(checkpoint)
     out = tmp_path / "train-hdpo"
-    curate_cli("train", "hdpo", str(rl_shard), "--model", str(checkpoint), "-o", str(out), "--prompts", "4", "-G", "4",
+    run_curate("train", "hdpo", str(rl_shard), "--model", str(checkpoint), "-o", str(out), "--prompts", "4", "-G", "4",
                "--steps", "1", "--max-new-tokens", "16", "--max-turns", "2", "--max-tokens", "200",
-               "--sandbox-workers", "1", "--micro-batch-tokens", "64", "--updates-per-step", "2")
+               "--sandbox-workers", "1", "--micro-batch-tokens", "64", "--updates-per-step", "2", timeout=600)
     (entry,) = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
     assert entry["step"] == 1 and math.isfinite(entry["loss_total"]) and entry["grad_norm"] >= 0
     assert json.loads((out / "checkpoint-000001" / "train_config.json").read_text())["micro_batch_tokens"] == 64

@@ -1,7 +1,7 @@
-"""It learns: on the toy tool suite of `curate.train.toy`, HDPO drops the tool calls that prompts do not need
+"""It learns: on the toy tool suite of `curate_testkit.toy`, HDPO drops the tool calls that prompts do not need
 while the prompts that need the tool keep it, and accuracy holds, on CPU (two cores) in a few minutes.
 
-The run goes through the trainer's own entry points (`curate.train.toy_runs`): a base model (direct answers
+The run goes through the trainer's own entry points (`curate_testkit.toy_runs`): a base model (direct answers
 where it knows them, tool use everywhere), a brief always-tool cold start, then HDPO with Metis's w_tool 0.15.
 Rates are measured on rollouts sampled at temperature 1 (the policy as trained), 4 for each of the prompts
 of every second number (192 prompts, 48 per kind).
@@ -18,9 +18,10 @@ import math
 from pathlib import Path
 from statistics import mean, pvariance
 
+from curate_testkit.toy import NUMBERS, toy_prompts
+from curate_testkit.toy_runs import bucket, pretrain, rates, sample_rollouts, tune
+
 from curate.train.rollout import Rollout
-from curate.train.toy import NUMBERS, toy_prompts
-from curate.train.toy_runs import bucket, pretrain, rates, sample_rollouts, tune
 from curate.verify import AnswerVerifier
 
 SEED = 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from curate_testkit.toy import build_toy_policy
 from test_logprobs import full_vocabulary_logprobs
 from test_train_vision import build_tiny_qwen2_vl, picture_prompt
 
@@ -20,7 +21,6 @@ from curate.train.chat import ChatEncoder
 from curate.train.hdpo import HDPOConfig, micro_batches, update
 from curate.train.loss import hdpo_loss
 from curate.train.rollout import Rollout, RolloutConfig, RolloutEngine, padded
-from curate.train.toy import build_toy_policy
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 

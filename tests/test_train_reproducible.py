@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from curate_testkit.toy import build_toy_policy, cold_start_data, toy_prompts
+from curate_testkit.toy_runs import tune, write_shard
 
 from curate.train.checkpoint import checkpoint_weights
 from curate.train.sft import SFTConfig, train_sft
-from curate.train.toy import build_toy_policy, cold_start_data, toy_prompts
-from curate.train.toy_runs import tune, write_shard
 
 NUMBERS = range(1, 25)
 SMALL = {"prompts_per_step": 4, "rollouts": 4, "lr": 1e-3}

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import cli
+from curate_testkit.toy import build_toy_policy, toy_prompt
 
 from curate.formats import get_format
 from curate.train.algorithms import ALGORITHMS
@@ -19,7 +20,6 @@ from curate.train.commands import train_hdpo_command, train_sft_command
 from curate.train.hdpo import HDPOConfig
 from curate.train.settings import config_from, config_options
 from curate.train.sft import SFTConfig
-from curate.train.toy import build_toy_policy, toy_prompt
 
 
 @pytest.mark.parametrize(("command", "config"), [(train_sft_command, SFTConfig), (train_hdpo_command, HDPOConfig)])

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_vlm import CROP_CALL, MERGE, build_tiny_qwen2_vl, picture_prompt, png
+from curate_testkit.tiny_vlm import CROP_CALL, MERGE, build_tiny_qwen2_vl, picture_prompt, png
 from transformers import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 from transformers.utils import is_torchvision_available
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cli
-from vllm_device import VLLM_DEVICE, needs_vllm
+from curate_testkit.toy import build_toy_policy, toy_prompt
+from curate_testkit.vllm_device import VLLM_DEVICE, needs_vllm
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
@@ -25,7 +26,6 @@ from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.checkpoint import is_sharded_checkpoint, save_checkpoint
 from curate.train.rollout import STOP, RolloutConfig, RolloutEngine, placeholder_ids
 from curate.train.sft import token_logprobs
-from curate.train.toy import build_toy_policy, toy_prompt
 from curate.train.vllm_turns import turn_request, turn_sampling
 
 

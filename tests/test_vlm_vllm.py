@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 from conftest import assert_accounting, messages_row, write_jsonl
-from tiny_vlm import CROP_CALL, MERGE, build_tiny_qwen2_vl, image_only_vllm_qwen2_vl, picture_prompt, png
-from vllm_device import VLLM_DEVICE, needs_vllm
+from curate_testkit.tiny_vlm import CROP_CALL, MERGE, build_tiny_qwen2_vl, image_only_vllm_qwen2_vl, picture_prompt, png
+from curate_testkit.vllm_device import VLLM_DEVICE, needs_vllm
 
 from curate.executor import LocalExecutor
 from curate.formats import get_format

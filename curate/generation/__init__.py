@@ -102,7 +102,6 @@ def data_url(image: Image) -> str:
 class Generator(Protocol):
     backend: str
     model: str
-    calls: int  # prompts sent to the model, for tests and the run summary
 
     def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
         """n completions for each prompt, in order."""
@@ -157,10 +156,6 @@ class LazyGenerator:
     def built(self) -> Generator | None:
         """The backend, once a cache miss has built it."""
         return self._built
-
-    @property
-    def calls(self) -> int:
-        return self._built.calls if self._built is not None else 0
 
     def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
         if self._built is None:

@@ -113,7 +113,6 @@ class TransformersGenerator:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  share_prefill: bool = True, progress: bool = False) -> None:
         self.model = model
-        self.calls = 0
         self.batch_size = batch_size
         self.share_prefill = share_prefill
         self.progress = progress
@@ -123,7 +122,6 @@ class TransformersGenerator:
                                                                     loaded.device)
 
     def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
-        self.calls += len(prompts)
         torch.manual_seed(params.seed)
         completions: list[list[str]] = []
         starts = range(0, len(prompts), self.batch_size)

@@ -99,7 +99,6 @@ class OpenAIGenerator:
         self.concurrency = concurrency
         self.policy = RetryPolicy(max_retries, backoff)
         self.send_images = send_images
-        self.calls = 0  # prompts sent, once each whatever the retries
         self.requests = 0  # HTTP requests made, retries included
         self._lock = threading.Lock()
 
@@ -119,8 +118,6 @@ class OpenAIGenerator:
 
     def _complete(self, prompt: Prompt, n: int, params: SamplingParams) -> list[str]:
         """n completions of one prompt, asking again while the server returns fewer."""
-        with self._lock:
-            self.calls += 1
         messages = prompt.chat("image_url") if self.send_images else prompt.text_chat()
         completions: list[str] = []
         while len(completions) < n:

@@ -50,7 +50,6 @@ class VLLMGenerator:
         from transformers import AutoConfig
 
         self.model = model
-        self.calls = 0
         self.progress = progress
         path = resolve_model(model)
         self.vision = getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
@@ -69,7 +68,6 @@ class VLLMGenerator:
     def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
         from vllm import SamplingParams as VLLMSamplingParams
 
-        self.calls += len(prompts)
         outputs = self.llm.generate(build_requests(prompts, self.render, self.vision), VLLMSamplingParams(**sampling_kwargs(n, params)),
                                     use_tqdm=self.progress)
         return [[completion.text for completion in output.outputs] * (n // len(output.outputs)) for output in outputs]

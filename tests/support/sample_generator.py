@@ -6,8 +6,8 @@ as Metis does, and the recorded observation is what it printed and saved, so goo
 truly consistent. Planted defects (one per row) cover every stage of `metis_sft.yaml` and
 `metis_rl.yaml`; their ids and the stage/reason expected to reject them go to `EXPECTED.json`.
 
-    python -m curate.samples.generate --out data/sample                 # the bundled sample
-    python -m curate.samples.generate --rows 10000 --kind sft --format messages --out /tmp/big
+    python -m curate_testkit.sample_generator --out data/sample                 # the bundled sample
+    python -m curate_testkit.sample_generator --rows 10000 --kind sft --format messages --out /tmp/big
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
-from servers import LocalServer
+from curate_testkit.servers import LocalServer
 
 Answer = Callable[[dict[str, Any]], str]
 PATH = re.compile(r"^/[^/]+/models/[^/:]+:generateContent$")

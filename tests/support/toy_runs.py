@@ -1,4 +1,4 @@
-"""Train and measure the toy policy of `curate.train.toy` through the trainer's own entry points: a base model,
+"""Train and measure the toy policy of `curate_testkit.toy` through the trainer's own entry points: a base model,
 an always-tool cold start, then RL (HDPO or a baseline), with tool use and accuracy measured per kind.
 
 Used by the "it learns" test and `benchmarks/bench_ablation.py`.
@@ -13,6 +13,7 @@ from statistics import mean
 from typing import Any
 
 import torch
+from curate_testkit.toy import KINDS, NUMBERS, base_data, build_toy_policy, cold_start_data, toy_prompts
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
@@ -21,7 +22,6 @@ from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.hdpo import HDPOConfig, train_hdpo
 from curate.train.rollout import Rollout, RolloutConfig, RolloutEngine
 from curate.train.sft import SFTConfig, train_sft
-from curate.train.toy import KINDS, NUMBERS, base_data, build_toy_policy, cold_start_data, toy_prompts
 from curate.verify import AnswerVerifier
 
 MAX_TURNS, MAX_NEW_TOKENS, MAX_TOKENS = 3, 14, 160  # a call is 5-6 tokens, an answer 4; one spare call for chain

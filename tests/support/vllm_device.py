@@ -25,10 +25,8 @@ class SharedEngine:
 
     def __init__(self, generator: Generator, model: str) -> None:
         self.generator, self.model = generator, model
-        self.calls = 0
 
     def generate(self, prompts: list[Prompt], n: int, params: SamplingParams) -> list[list[str]]:
-        self.calls += len(prompts)
         return self.generator.generate(prompts, n, params)
 
     def close(self) -> None:

@@ -1,1 +1,0 @@
-"""Sample data: a generator of realistic trajectories with planted defects."""
