@@ -164,19 +164,18 @@ def test_a_model_folder_is_read_slice_by_slice_only_when_its_files_hold_every_we
     assert not reads_as_is(renamed, net) and not reads_as_is(tmp_path / "no-such-folder", net)
 
 
-def test_a_checkpoint_of_the_earlier_consolidated_format_is_refused_on_resume_and_loads_as_a_model(
-        toy: Path, tmp_path: Path) -> None:
-    """Earlier checkpoints were `save_pretrained` folders with `optimizer.pt`: they do not resume, and say so."""
+def test_a_folder_named_like_a_checkpoint_that_curate_did_not_write_is_refused_on_resume(toy: Path,
+                                                                                         tmp_path: Path) -> None:
+    """A `checkpoint-NNNNNN` folder without the trainer's state (a `save_pretrained` folder copied there, say) does
+    not resume: one line says why, and it still loads as a model."""
     from curate.errors import UserError
     from curate.train.checkpoint import start_or_resume
 
-    earlier = tmp_path / "run" / "checkpoint-000003"
-    shutil.copytree(toy, earlier)
-    torch.save({"optimizer": {}, "step": 3}, earlier / "optimizer.pt")
-    (earlier / "train_config.json").write_text("{}")
-    with pytest.raises(UserError, match="consolidated format of an earlier curate"):
+    stray = tmp_path / "run" / "checkpoint-000003"
+    shutil.copytree(toy, stray)
+    with pytest.raises(UserError, match="is not a checkpoint curate train wrote"):
         start_or_resume(tmp_path / "run", str(toy), "cpu", 1e-3, True)
-    assert load_model(str(earlier), "cpu").net.config.hidden_size > 0
+    assert load_model(str(stray), "cpu").net.config.hidden_size > 0
 
 
 @pytest.fixture(scope="module")

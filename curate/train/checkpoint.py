@@ -62,10 +62,8 @@ def save_checkpoint(out: Path, step: int, loaded: LoadedModel, optimizer: torch.
 
 
 def is_checkpoint(folder: Path) -> bool:
-    """Written by `save_checkpoint` (what it alone puts there, or put there in its consolidated format before), so
-    that replacing it deletes nothing else."""
-    written = (folder / TRAINER).is_file() or (folder / "optimizer.pt").is_file()
-    return written and (folder / "train_config.json").is_file()
+    """Written by `save_checkpoint` (what it alone puts there), so that replacing it deletes nothing else."""
+    return (folder / TRAINER).is_file() and (folder / "train_config.json").is_file()
 
 
 def is_sharded_checkpoint(folder: Path) -> bool:
@@ -142,8 +140,8 @@ def start_or_resume(out: Path, model: str, device: str, lr: float, resume: bool,
     several."""
     start = latest_checkpoint(out) if resume else None
     if start is not None and not is_sharded_checkpoint(start):
-        raise UserError(f"{start} is a checkpoint in the consolidated format of an earlier curate, which does not "
-                        "resume: start a new -o from it with --model (it is a save_pretrained folder)")
+        raise UserError(f"{start} is not a checkpoint curate train wrote (no {TRAINER} and {STATE}/ in it), so "
+                        "nothing resumes from it: move it out of the way or train into a new -o")
     loaded = load_policy(str(start or model), device, ranks, bf16, activation_checkpointing)
     optimizer = torch.optim.AdamW(loaded.net.parameters(), lr=lr)
     if start is None:
