@@ -65,7 +65,7 @@ class FormatCheck(Stage):
             if verdict is not None:
                 return verdict
         if not self.options.require_assistant:
-            if sample.answer in (None, "", []):
+            if not sample.has_answer:
                 return reject("no_ground_truth", "the prompt has no answer")
             return KEEP
         return self._calls_answered(sample) or self._final_answer(sample)
