@@ -12,10 +12,11 @@ Isolation levels (`isolation.py` picks one and checks it before anything runs):
   directory in `/tmp`, deleted afterwards. No network at all, an empty environment (no API key can
   leak in), and the trajectory runs as an unprivileged uid with limits on address space, CPU time,
   processes and file size.
-- `namespace` (only when asked for): the worker makes its own mount and network namespaces itself:
-  the host file system read-only (and nosuid), private tmpfs over `/tmp`, `/var/tmp` and `/dev/shm`,
-  the same uid, environment, limits and scratch directories. The host's other files stay readable to
-  whatever that uid may read (root-only files such as `~/.ssh` are not), and there is no PID namespace.
+- `namespace` (only when asked for): the worker makes its own mount, network and PID namespaces itself
+  (it is pid 1 there, with a /proc of its own; IPC and UTS stay the host's): the host file system read-only
+  (and nosuid), private tmpfs over `/tmp`, `/var/tmp` and `/dev/shm`, the same uid, environment, limits and
+  scratch directories. The host's other files stay readable to whatever that uid may read (root-only files
+  such as `~/.ssh` are not).
 No level lets a trajectory write outside its scratch directory. Both kill every process a trajectory
 leaves behind (the worker is a child subreaper).
 
@@ -46,6 +47,7 @@ from pydantic import Field
 
 from curate.errors import UserError
 from curate.sandbox.isolation import Isolation, resolve
+from curate.sandbox.zygote import PRIVATE_TMPFS, python_installation
 from curate.stage import StageOptions
 
 ZYGOTE = Path(__file__).with_name("zygote.py")
@@ -54,7 +56,6 @@ FIRST_UID = 60000
 UIDS_PER_SANDBOX = 64  # a sandbox's slots get consecutive uids
 SANDBOX_UIDS = range(FIRST_UID, FIRST_UID + 4096 * UIDS_PER_SANDBOX)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")  # writable by the worker only, at every level
 
 
 class SandboxOptions(StageOptions):
@@ -100,7 +101,7 @@ def bwrap_options(tmp_mb: int) -> list[str]:
     # the worker makes each trajectory's scratch directory there; the trajectory's uid may write nowhere else.
     for folder in PRIVATE_TMPFS:
         options += ["--size", str(tmp_mb << 20), "--perms", "0755", "--tmpfs", folder]
-    python_homes = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    python_homes = python_installation()
     # Folders above the python installation (e.g. /root for a pyenv python) are created traversable
     # and empty, so an unprivileged uid can import the standard library and sees nothing else there.
     for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/", "/tmp"}):
