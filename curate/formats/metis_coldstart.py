@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.formats import Format, MalformedRow, check_suffix, decode_record
-from curate.formats.chat import parse_chat, render_chat
+from curate.formats.chat import parse_chat, render_text_turns
 from curate.formats.common import decode_answer, decode_images, encode_answer, encode_base64, row_id, write_json_rows
 from curate.formats.inline import link_calls, render_tool_call_json, render_tool_response, unwrap_observation
 from curate.formats.messages import parse_openai_calls
@@ -79,7 +79,7 @@ class MetisColdStartFormat(Format):
 
 def _rows(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
     for sample in samples:
-        turns, images = render_chat(sample, code_blocks=False, wrap=_wrap_observation)
+        turns, images = render_text_turns(sample, code_blocks=False, wrap=_wrap_observation)
         yield {
             "id": sample.id,
             "source": sample.source,

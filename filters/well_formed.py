@@ -11,7 +11,7 @@ from curate.sample import ROLES, Message, Sample
 from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
 
 
-class FormatCheck(Stage):
+class WellFormed(Stage):
     """Rejects trajectories that are not well formed; every detail names the message index.
 
     Reasons:
