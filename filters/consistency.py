@@ -9,8 +9,9 @@ from curate.images import image_hash
 from curate.sample import Sample
 from curate.sandbox import SandboxOptions
 from curate.sandbox.compare import recorded_stdout, same_output, short_diff
-from curate.sandbox.trajectory import SandboxStage, code_calls
+from curate.sandbox.trajectory import code_calls
 from curate.stage import KEEP, Verdict, reject
+from curate.stage.sandbox import SandboxStage
 
 
 class Consistency(SandboxStage):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from curate.probe import ProbeOptions, ProbeStage, report
 from curate.sample import Sample
 from curate.stage import KEEP, Verdict, reject
+from curate.stage.probe import ProbeOptions, ProbeStage, report
 
 
 class PassRateVariance(ProbeStage):
