@@ -43,12 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import Field
-
 from curate.errors import UserError
 from curate.sandbox.isolation import Isolation, resolve
 from curate.sandbox.zygote import PRIVATE_TMPFS, python_installation
-from curate.stage import StageOptions
 
 ZYGOTE = Path(__file__).with_name("zygote.py")
 SANDBOX_ZYGOTE = "/sandbox/zygote.py"
@@ -58,22 +55,21 @@ SANDBOX_UIDS = range(FIRST_UID, FIRST_UID + 4096 * UIDS_PER_SANDBOX)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-class SandboxOptions(StageOptions):
-    """Sandbox settings a recipe can give any stage that executes code."""
+@dataclass(frozen=True)
+class SandboxOptions:
+    """A sandbox's limits and layout. The stages that execute code take them from a recipe
+    (`curate.stage.sandbox.SandboxStageOptions`, which checks and documents them); the trainer builds them itself."""
 
-    timeout: float = Field(default=20.0, gt=0, description="wall-clock seconds per trajectory")
-    cpu_seconds: int = Field(default=20, gt=0, description="CPU seconds per trajectory")
-    memory_mb: int = Field(default=4096, ge=512, description="address-space limit per trajectory (MiB)")
-    max_processes: int = Field(default=64, gt=0, description="processes and threads per trajectory")
-    max_file_mb: int = Field(default=64, gt=0, description="largest file a trajectory may write (MiB)")
-    max_output_kb: int = Field(default=1024, gt=0, description="most text one call may print (stdout + stderr, KiB)")
-    tmp_mb: int = Field(default=512, gt=0, description="size of each worker's private /tmp (MiB)")
-    parallelism: int = Field(default=2, gt=0, description="warm workers, i.e. trajectories run at once")
-    worker_grace: float = Field(default=30.0, gt=0, description="seconds a worker may take beyond `timeout` to "
-                                                                 "answer before the watchdog kills and replaces it")
-    isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$",
-                           description="auto (= bwrap): a working bubblewrap, system or bundled, else stop; "
-                                       "namespace: the weaker level, only when asked for")
+    timeout: float = 20.0  # wall-clock seconds per trajectory
+    cpu_seconds: int = 20  # CPU seconds per trajectory
+    memory_mb: int = 4096  # address-space limit per trajectory (MiB)
+    max_processes: int = 64  # processes and threads per trajectory
+    max_file_mb: int = 64  # largest file a trajectory may write (MiB)
+    max_output_kb: int = 1024  # most text one call may print (stdout + stderr, KiB)
+    tmp_mb: int = 512  # size of each worker's private /tmp (MiB)
+    parallelism: int = 2  # warm workers, i.e. trajectories run at once
+    worker_grace: float = 30.0  # seconds a worker may take beyond `timeout` to answer before it is replaced
+    isolation: str = "auto"  # auto (= bwrap, system or bundled, else stop) | bwrap | namespace (only when asked for)
 
 
 @dataclass
