@@ -20,8 +20,8 @@ from curate.generation.hf import load_model
 from curate.sample import Message, Sample, TextPart
 from curate.train.advantages import grpo_advantages, tool_advantages
 from curate.train.hdpo import HDPOConfig, update
+from curate.train.logprobs import token_logprobs
 from curate.train.rollout import Rollout, padded
-from curate.train.sft import token_logprobs
 
 
 def rollouts(rows: int, tokens: int, vocab: int) -> list[Rollout]:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from curate import storage
 from curate.cache import Cache
-from curate.formats import MalformedRow, get_format, records, sniff_format
+from curate.executor import input_rows, parse_rows, source_readers, take_batch
 from curate.recipe import Recipe
 from curate.sample import Sample
 
@@ -69,15 +68,13 @@ def estimate(recipe: Recipe, cache_path: Path) -> Estimate:
     started = time.perf_counter()
     with Cache(cache_path) as cache:
         estimators: list[CostEstimator] = [e for e in (stage.cost_estimate(cache) for stage in stages) if e is not None]
-        for source in recipe.inputs:
-            reader = get_format(sniff_format(source.path) if source.format == "auto" else source.format)
-            for record in records(source.path):
-                result.rows += 1
-                try:
-                    sample = reader.parse(record, storage.parent(source.path))
-                except MalformedRow:
-                    result.malformed += 1  # the run rejects it at `read`: no request
-                    continue
+        sources = source_readers(recipe)
+        rows = input_rows(sources)
+        while batch := take_batch(rows, recipe.batch_size, recipe.batch_bytes):
+            parsed = parse_rows(sources, batch)  # in the run's batches, as the run reads them
+            result.rows += len(batch)
+            result.malformed += len(parsed.rejected)  # the run rejects them at `read`: no request
+            for sample in parsed.kept:
                 for estimator in estimators:
                     estimator.add(sample)
     result.seconds = time.perf_counter() - started

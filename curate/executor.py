@@ -96,6 +96,21 @@ class BatchResult:
 Row = tuple[int, int, Any]  # (source index, row index in that file, raw record)
 
 
+def source_readers(recipe: Recipe) -> list[SourceReader]:
+    """The recipe's inputs, each with the format that parses its rows (sniffed where the recipe says `auto`)."""
+    return [SourceReader(s.path, sniff_format(s.path) if s.format == "auto" else s.format) for s in recipe.inputs]
+
+
+def input_rows(sources: list[SourceReader], skip: int = 0) -> Iterator[Row]:
+    """Every raw row of the inputs, in order, after the first `skip`."""
+    rows = (
+        (source_index, row_index, record)
+        for source_index, source in enumerate(sources)
+        for row_index, record in enumerate(records(source.path))
+    )
+    return islice(rows, skip, None)
+
+
 def record_bytes(record: Any) -> int:
     """About how many bytes a raw record holds: its strings and bytes, counted through dicts and lists."""
     if isinstance(record, str | bytes | bytearray):
@@ -265,9 +280,7 @@ class Executor:
         self.progress = progress
         # The cache and the scratch folder stay on local disk, whatever store the run directory is on.
         self.context = StageContext(cache_path=Path(cache_path), scratch_dir=storage.local_scratch(run_dir))
-        self.sources = [
-            SourceReader(s.path, sniff_format(s.path) if s.format == "auto" else s.format) for s in recipe.inputs
-        ]
+        self.sources = source_readers(recipe)
 
     def run(self, force: bool = False) -> dict[str, Any]:
         for spec in self.recipe.stages:  # e.g. no working sandbox: stop before the run directory is touched
@@ -358,12 +371,7 @@ class LocalExecutor(Executor):
         )
 
     def _rows(self, skip: int) -> Iterator[Row]:
-        rows = (
-            (source_index, row_index, record)
-            for source_index, source in enumerate(self.sources)
-            for row_index, record in enumerate(records(source.path))
-        )
-        return islice(rows, skip, None)
+        return input_rows(self.sources, skip)
 
     def _batches(self, pool: Any, plan: list[tuple[bool, list[str]]], local: dict[str, Stage],
                  state: RunState) -> Iterator[tuple[BatchResult, int]]:

@@ -1,5 +1,5 @@
-"""Image helpers the stages share: strict decoding, perceptual hashes, and the check that every image a message
-shows exists."""
+"""Image helpers the stages share: strict decoding, perceptual hashes and the options that choose them, and the
+check that every image a message shows exists."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import io
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import imagehash
 from PIL import Image as PILImage
 from PIL import ImageFile
+from pydantic import Field, ValidationInfo, field_validator
 
 from curate.sample import Sample
-from curate.stage import Verdict, reject
+from curate.stage import StageOptions, Verdict, reject
 
 
 @contextmanager
@@ -42,6 +44,29 @@ def missing_image(sample: Sample) -> Verdict | None:
 
 
 HASHES = {"phash": imagehash.phash, "dhash": imagehash.dhash, "ahash": imagehash.average_hash, "whash": imagehash.whash}
+
+
+class PerceptualHashOptions(StageOptions):
+    """How images are hashed and compared: image_dedup's options, shared by decontaminate's image check."""
+
+    hash: Literal["phash", "dhash", "ahash", "whash"] = Field(default="phash", description="imagehash function")
+    hash_size: int = Field(default=8, ge=2, le=8, description="hash grid side: hash_size^2 bits, at most 64")
+    max_distance: int = Field(default=4, ge=0, description="largest Hamming distance counted as a duplicate")
+
+    @field_validator("hash_size")
+    @classmethod
+    def _whash_needs_power_of_two(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("hash") == "whash" and value & (value - 1):
+            raise ValueError("whash needs a power of two")
+        return value
+
+    @field_validator("max_distance")
+    @classmethod
+    def _below_hash_bits(cls, value: int, info: ValidationInfo) -> int:
+        bits = info.data.get("hash_size", 8) ** 2
+        if value >= bits:
+            raise ValueError(f"must be below the hash's {bits} bits")
+        return value
 
 
 def perceptual_hash(data: bytes, kind: str, hash_size: int) -> str | None:

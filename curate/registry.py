@@ -110,7 +110,7 @@ STAGES: Registry[Stage] = Registry("stage", {
     "consistency": "curate.filters.consistency:Consistency",
     "decontaminate": "curate.filters.decontaminate:Decontaminate",
     "execution_failure": "curate.filters.execution_failure:ExecutionFailure",
-    "format": "curate.filters.format_check:FormatCheck",
+    "format": "curate.filters.well_formed:WellFormed",
     "image_dedup": "curate.filters.image_dedup:ImageDedup",
     "image_integrity": "curate.filters.image_integrity:ImageIntegrity",
     "pass_rate_variance": "curate.filters.pass_rate_variance:PassRateVariance",

@@ -374,7 +374,7 @@ class RunDir:
         writer = get_format(OUTPUT_FORMAT[output_kind])
         entries = []
         for index, chunk in enumerate(_chunks(self.iter_kept(state), shard_rows)):
-            path = folder / f"shard-{index:05d}.parquet"
+            path = folder / shard_name(index)
             rows = writer.write(chunk, path)
             entries.append({"path": path.name, "rows": rows, "sha256": file_sha256(path)})
         return entries
@@ -391,7 +391,9 @@ class RunDir:
             preserve_order=True,
             existing_data_behavior="overwrite_or_ignore",
         )
-        shards = sorted(folder.glob("shard-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
+        # pyarrow numbers its files unpadded (shard-0): named as the kept ones are, so both sort alike.
+        written = sorted(folder.glob("shard-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
+        shards = [p.rename(folder / shard_name(index)) for index, p in enumerate(written)]
         return [
             {"path": p.name, "rows": pq.ParquetFile(p).metadata.num_rows, "sha256": file_sha256(p)}
             for p in shards
@@ -418,6 +420,7 @@ class RunDir:
 _STATE_NAME = re.compile(r"state-\d{6}\.pkl")
 _PART_NAME = re.compile(r"part-\d{6}-[0-9a-f]{8}\.parquet")
 _SHARD_NAME = re.compile(r"shard-\d+\.parquet")
+
 # Every file curate writes into a run directory (relative paths); `--force` deletes these and nothing else.
 _OWN_FILE = re.compile(
     r"recipe\.yaml|manifest\.json|state/state-\d{6}\.pkl|state/(kept|rejected)/part-\d{6}-[0-9a-f]{8}\.parquet"
@@ -425,6 +428,11 @@ _OWN_FILE = re.compile(
 )
 # Its folders, deepest first; scratch/ is the stages' own working folder (storage.local_scratch).
 _OWN_FOLDERS = ("state/kept", "state/rejected", "state", "kept", "rejected", "logs", "scratch")
+
+
+def shard_name(index: int) -> str:
+    """The file name of a kept or rejected shard: shard-00000.parquet, shard-00001.parquet, ..."""
+    return f"shard-{index:05d}.parquet"
 
 
 def refuse_protected(location: str, fs: Any, root: str) -> None:

@@ -98,6 +98,11 @@ class Sample:
                 return message.text
         return ""
 
+    @property
+    def has_answer(self) -> bool:
+        """Whether the sample carries a reference answer (None, an empty string or an empty list carry none)."""
+        return self.answer not in (None, "", [])
+
     def tool_calls(self) -> list[tuple[int, ToolCall]]:
         """Every tool call with the index of the message that makes it."""
         return [(i, call) for i, m in enumerate(self.messages) for call in m.tool_calls]

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from curate.probe import ProbeOptions, ProbeStage, ground_truth, report
 from curate.sample import Sample
 from curate.stage import KEEP, Verdict, reject
+from curate.stage.probe import ProbeOptions, ProbeStage, ground_truth, report
 from curate.verify import Verification
 
 # Metis drops samples with "pass@8 = 1 without tools"; the sentence reads two ways, and users of both exist.

@@ -7,10 +7,10 @@ from pydantic import Field
 
 from curate.images import image_hash
 from curate.sample import Sample
-from curate.sandbox import SandboxOptions
 from curate.sandbox.compare import recorded_stdout, same_output, short_diff
-from curate.sandbox.trajectory import SandboxStage, code_calls
+from curate.sandbox.trajectory import code_calls
 from curate.stage import KEEP, Verdict, reject
+from curate.stage.sandbox import SandboxStage, SandboxStageOptions
 
 
 class Consistency(SandboxStage):
@@ -31,7 +31,7 @@ class Consistency(SandboxStage):
         "not_executed": "the code never got to the call (an earlier call failed or timed out)",
     }
 
-    class Options(SandboxOptions):
+    class Options(SandboxStageOptions):
         rel_tol: float = Field(default=1e-6, ge=0, description="relative tolerance for numbers")
         max_image_distance: int = Field(default=10, ge=0, le=64, description="largest phash distance between images")
         recheck_nondeterminism: bool = Field(default=True, description="re-run mismatching trajectories once")

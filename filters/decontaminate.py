@@ -17,11 +17,10 @@ from curate import storage
 from curate.cache import Cache, cache_key
 from curate.errors import UserError
 from curate.hashindex import HashIndex
-from curate.images import perceptual_hash
+from curate.images import PerceptualHashOptions, perceptual_hash
 from curate.sample import Sample
 from curate.stage import KEEP, Resources, Stage, StageContext, Verdict, reject
 from curate.textnorm import Normaliser
-from curate.filters.image_dedup import ImageDedup
 
 EVAL_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
@@ -77,7 +76,7 @@ class Decontaminate(Stage):
         "contaminated": "the question or an image matches an evaluation item (benchmark, item id, what matched)",
     }
 
-    class Options(ImageDedup.Options):
+    class Options(PerceptualHashOptions):
         benchmarks: dict[str, EvalSet] = Field(min_length=1, description="evaluation sets by name")
         text: Literal["question", "trajectory"] = Field(default="question", description="which text to check")
         ngram: int = Field(default=13, ge=1, le=64, description="words per n-gram")

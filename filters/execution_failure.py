@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from curate.sample import Sample
-from curate.sandbox.trajectory import SandboxStage, code_calls, other_tools
+from curate.sandbox.trajectory import code_calls, other_tools
 from curate.stage import KEEP, Verdict, reject
+from curate.stage.sandbox import SandboxStage
 
 
 class ExecutionFailure(SandboxStage):

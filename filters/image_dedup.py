@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import Field, ValidationInfo, field_validator
+from typing import Any
 
 from curate.hashindex import HashIndex
-from curate.images import perceptual_hash
+from curate.images import PerceptualHashOptions, perceptual_hash
 from curate.sample import Sample
-from curate.stage import KEEP, Stage, StageContext, StageOptions, Verdict, reject
+from curate.stage import KEEP, Stage, StageContext, Verdict, reject
 
 class ImageDedup(Stage):
     """Rejects a sample with an image within `max_distance` bits of an image of an earlier kept sample.
@@ -29,25 +27,8 @@ class ImageDedup(Stage):
     stateful = True
     batch_size = 256
 
-    class Options(StageOptions):
-        hash: Literal["phash", "dhash", "ahash", "whash"] = Field(default="phash", description="imagehash function")
-        hash_size: int = Field(default=8, ge=2, le=8, description="hash grid side: hash_size^2 bits, at most 64")
-        max_distance: int = Field(default=4, ge=0, description="largest Hamming distance counted as a duplicate")
-
-        @field_validator("hash_size")
-        @classmethod
-        def _whash_needs_power_of_two(cls, value: int, info: ValidationInfo) -> int:
-            if info.data.get("hash") == "whash" and value & (value - 1):
-                raise ValueError("whash needs a power of two")
-            return value
-
-        @field_validator("max_distance")
-        @classmethod
-        def _below_hash_bits(cls, value: int, info: ValidationInfo) -> int:
-            bits = info.data.get("hash_size", 8) ** 2
-            if value >= bits:
-                raise ValueError(f"must be below the hash's {bits} bits")
-            return value
+    class Options(PerceptualHashOptions):
+        """The hash and the largest distance counted as a duplicate: decontaminate compares images by them too."""
 
     def setup(self, context: StageContext) -> None:
         self.index = HashIndex(self.options.max_distance, bits=self.options.hash_size**2)

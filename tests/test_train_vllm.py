@@ -24,8 +24,8 @@ from curate.formats import get_format
 from curate.generation.hf import load_model
 from curate.sandbox import Sandbox, SandboxOptions
 from curate.train.checkpoint import is_sharded_checkpoint, save_checkpoint
+from curate.train.logprobs import token_logprobs
 from curate.train.rollout import STOP, RolloutConfig, RolloutEngine, placeholder_ids
-from curate.train.sft import token_logprobs
 from curate.train.vllm_turns import turn_request, turn_sampling
 
 

@@ -33,8 +33,8 @@ from curate.sandbox import Sandbox, SandboxOptions
 from curate.stage import StageContext
 from curate.train.chat import ChatEncoder
 from curate.train.checkpoint import is_sharded_checkpoint
+from curate.train.logprobs import token_logprobs
 from curate.train.rollout import Rollout, RolloutConfig, RolloutEngine
-from curate.train.sft import token_logprobs
 from curate.filters.base_model_solvable import BaseModelSolvable
 
 pytestmark = needs_vllm

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -130,13 +130,21 @@ def count_records(path: Location) -> int | None:
     return None
 
 
+def json_value(value: Any, error: Callable[[json.JSONDecodeError], str],
+               loads: Callable[[str], Any] = json.loads) -> Any:
+    """A value stored as JSON text or already decoded: text is decoded, anything else is returned as it is.
+    Text that is not JSON is a MalformedRow saying `error(exc)`, each caller's own words."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return loads(value)
+    except json.JSONDecodeError as exc:
+        raise MalformedRow(error(exc)) from exc
+
+
 def decode_record(record: Any) -> dict[str, Any]:
     """A JSONL line or an already-decoded row as a dict, or MalformedRow."""
-    if isinstance(record, str):
-        try:
-            record = loads_tolerant(record)
-        except json.JSONDecodeError as exc:
-            raise MalformedRow(f"bad JSON: {exc}") from exc
+    record = json_value(record, lambda exc: f"bad JSON: {exc}", loads_tolerant)
     if not isinstance(record, dict):
         raise MalformedRow(f"row is a {type(record).__name__}, expected an object")
     return record
@@ -164,11 +172,7 @@ def json_object(value: Any, label: str) -> dict[str, Any]:
     """A free-form mapping stored as an object, as JSON text of one (parquet-friendly), or absent."""
     if value is None or value == "":
         return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise MalformedRow(f"'{label}' is not valid JSON ({exc.msg})") from exc
+    value = json_value(value, lambda exc: f"'{label}' is not valid JSON ({exc.msg})")
     if not isinstance(value, dict):
         raise MalformedRow(f"'{label}' must be an object, got {type(value).__name__}")
     return value

@@ -60,7 +60,7 @@ def _cut_calls(parts: list[Part]) -> tuple[list[Part], list[ToolCall]]:
     return prose, calls
 
 
-def render_chat(sample: Sample, code_blocks: bool,
+def render_text_turns(sample: Sample, code_blocks: bool,
                 wrap: Callable[[ToolCall | None, str], str]) -> tuple[list[dict[str, str]], list[Image]]:
     """Turns as `{role, content}` text with `<image>` placeholders, and the images in that order.
 

@@ -23,8 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.formats import Format, MalformedRow, check_suffix, decode_record
-from curate.formats.chat import parse_chat, render_chat
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_value
+from curate.formats.chat import parse_chat, render_text_turns
 from curate.formats.common import decode_answer, decode_images, encode_answer, encode_base64, row_id, write_json_rows
 from curate.formats.inline import link_calls, render_tool_call_json, render_tool_response, unwrap_observation
 from curate.formats.messages import parse_openai_calls
@@ -52,12 +52,7 @@ class MetisColdStartFormat(Format):
         row = decode_record(record)
         if "messages" not in row:
             raise MalformedRow("missing field 'messages'")
-        turns = row["messages"]
-        if isinstance(turns, str):
-            try:
-                turns = json.loads(turns)
-            except json.JSONDecodeError as exc:
-                raise MalformedRow(f"'messages' is not valid JSON ({exc.msg} at char {exc.pos})") from exc
+        turns = json_value(row["messages"], lambda exc: f"'messages' is not valid JSON ({exc.msg} at char {exc.pos})")
         images = decode_images(row.get("images"), base_dir)
         messages = parse_chat(_inline_openai_calls(turns), images, base_dir, unwrap_observation)
         return Sample(
@@ -79,7 +74,7 @@ class MetisColdStartFormat(Format):
 
 def _rows(samples: Iterable[Sample]) -> Iterator[dict[str, Any]]:
     for sample in samples:
-        turns, images = render_chat(sample, code_blocks=False, wrap=_wrap_observation)
+        turns, images = render_text_turns(sample, code_blocks=False, wrap=_wrap_observation)
         yield {
             "id": sample.id,
             "source": sample.source,

@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object
+from curate.formats import Format, MalformedRow, check_suffix, decode_record, json_object, json_value
 from curate.formats.common import ImageCounter, decode_images, encode_answer, ordered_images, write_parquet_rows
 from curate.formats.inline import parts_to_text
 from curate.formats.messages import parse_content
@@ -114,11 +114,8 @@ def _decode_extra_info(value: Any) -> dict[str, Any]:
 
 
 def _decode_ground_truth(value: Any, is_json_list: bool) -> str | list[str] | None:
-    if is_json_list and isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise MalformedRow(f"'reward_model.ground_truth' is marked as a list but is not JSON ({exc.msg})") from exc
+    if is_json_list:
+        value = json_value(value, lambda exc: f"'reward_model.ground_truth' is marked as a list but is not JSON ({exc.msg})")
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):

@@ -12,10 +12,11 @@ Isolation levels (`isolation.py` picks one and checks it before anything runs):
   directory in `/tmp`, deleted afterwards. No network at all, an empty environment (no API key can
   leak in), and the trajectory runs as an unprivileged uid with limits on address space, CPU time,
   processes and file size.
-- `namespace` (only when asked for): the worker makes its own mount and network namespaces itself:
-  the host file system read-only (and nosuid), private tmpfs over `/tmp`, `/var/tmp` and `/dev/shm`,
-  the same uid, environment, limits and scratch directories. The host's other files stay readable to
-  whatever that uid may read (root-only files such as `~/.ssh` are not), and there is no PID namespace.
+- `namespace` (only when asked for): the worker makes its own mount, network and PID namespaces itself
+  (it is pid 1 there, with a /proc of its own; IPC and UTS stay the host's): the host file system read-only
+  (and nosuid), private tmpfs over `/tmp`, `/var/tmp` and `/dev/shm`, the same uid, environment, limits and
+  scratch directories. The host's other files stay readable to whatever that uid may read (root-only files
+  such as `~/.ssh` are not).
 No level lets a trajectory write outside its scratch directory. Both kill every process a trajectory
 leaves behind (the worker is a child subreaper).
 
@@ -42,11 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import Field
-
 from curate.errors import UserError
 from curate.sandbox.isolation import Isolation, resolve
-from curate.stage import StageOptions
+from curate.sandbox.zygote import PRIVATE_TMPFS, python_installation
 
 ZYGOTE = Path(__file__).with_name("zygote.py")
 SANDBOX_ZYGOTE = "/sandbox/zygote.py"
@@ -54,25 +53,23 @@ FIRST_UID = 60000
 UIDS_PER_SANDBOX = 64  # a sandbox's slots get consecutive uids
 SANDBOX_UIDS = range(FIRST_UID, FIRST_UID + 4096 * UIDS_PER_SANDBOX)
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")  # writable by the worker only, at every level
 
 
-class SandboxOptions(StageOptions):
-    """Sandbox settings a recipe can give any stage that executes code."""
+@dataclass(frozen=True)
+class SandboxOptions:
+    """A sandbox's limits and layout. The stages that execute code take them from a recipe
+    (`curate.stage.sandbox.SandboxStageOptions`, which checks and documents them); the trainer builds them itself."""
 
-    timeout: float = Field(default=20.0, gt=0, description="wall-clock seconds per trajectory")
-    cpu_seconds: int = Field(default=20, gt=0, description="CPU seconds per trajectory")
-    memory_mb: int = Field(default=4096, ge=512, description="address-space limit per trajectory (MiB)")
-    max_processes: int = Field(default=64, gt=0, description="processes and threads per trajectory")
-    max_file_mb: int = Field(default=64, gt=0, description="largest file a trajectory may write (MiB)")
-    max_output_kb: int = Field(default=1024, gt=0, description="most text one call may print (stdout + stderr, KiB)")
-    tmp_mb: int = Field(default=512, gt=0, description="size of each worker's private /tmp (MiB)")
-    parallelism: int = Field(default=2, gt=0, description="warm workers, i.e. trajectories run at once")
-    worker_grace: float = Field(default=30.0, gt=0, description="seconds a worker may take beyond `timeout` to "
-                                                                 "answer before the watchdog kills and replaces it")
-    isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$",
-                           description="auto (= bwrap): a working bubblewrap, system or bundled, else stop; "
-                                       "namespace: the weaker level, only when asked for")
+    timeout: float = 20.0  # wall-clock seconds per trajectory
+    cpu_seconds: int = 20  # CPU seconds per trajectory
+    memory_mb: int = 4096  # address-space limit per trajectory (MiB)
+    max_processes: int = 64  # processes and threads per trajectory
+    max_file_mb: int = 64  # largest file a trajectory may write (MiB)
+    max_output_kb: int = 1024  # most text one call may print (stdout + stderr, KiB)
+    tmp_mb: int = 512  # size of each worker's private /tmp (MiB)
+    parallelism: int = 2  # warm workers, i.e. trajectories run at once
+    worker_grace: float = 30.0  # seconds a worker may take beyond `timeout` to answer before it is replaced
+    isolation: str = "auto"  # auto (= bwrap, system or bundled, else stop) | bwrap | namespace (only when asked for)
 
 
 @dataclass
@@ -100,7 +97,7 @@ def bwrap_options(tmp_mb: int) -> list[str]:
     # the worker makes each trajectory's scratch directory there; the trajectory's uid may write nowhere else.
     for folder in PRIVATE_TMPFS:
         options += ["--size", str(tmp_mb << 20), "--perms", "0755", "--tmpfs", folder]
-    python_homes = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent.parent)}
+    python_homes = python_installation()
     # Folders above the python installation (e.g. /root for a pyenv python) are created traversable
     # and empty, so an unprivileged uid can import the standard library and sees nothing else there.
     for folder in sorted({str(parent) for home in python_homes for parent in Path(home).parents} - {"/", "/tmp"}):

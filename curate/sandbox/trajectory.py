@@ -15,8 +15,7 @@ from typing import Any
 
 from curate.images import image_hash
 from curate.sample import Message, Sample, ToolCall
-from curate.sandbox import Sandbox, SandboxOptions, TrajectoryResult, isolation_for
-from curate.stage import Stage, StageContext
+from curate.sandbox import Sandbox, TrajectoryResult
 
 # Thyme questions name the input image's path on the machine that made the data; code opens that path.
 _USER_IMAGE_PATH = re.compile(r'User Image Path:\s*"([^"]+)"')
@@ -123,24 +122,3 @@ def summarize(result: TrajectoryResult, digest: str) -> dict[str, Any]:
             for cell in result.cells
         ],
     }
-
-
-class SandboxStage(Stage):
-    """Base of stages that re-execute a trajectory's code: one warm sandbox per process, from the options."""
-
-    Options = SandboxOptions
-    batch_size = 16
-
-    def preflight(self) -> None:
-        isolation_for(self.options)  # fails closed: no working isolation, no row runs
-
-    def setup(self, context: StageContext) -> None:
-        self.sandbox = Sandbox(self.options)
-
-    def teardown(self) -> None:
-        self.sandbox.close()
-
-    def executed(self, batch: list[Sample], fresh: bool = False) -> dict[int, dict[str, Any]]:
-        """Execution records of the samples that have code calls, by `id(sample)`."""
-        with_code = [sample for sample in batch if code_calls(sample)]
-        return {id(sample): record for sample, record in zip(with_code, execute_many(self.sandbox, with_code, fresh))}

@@ -38,8 +38,9 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS =
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_RECURSIVE, AT_FDCWD, SYS_MOUNT_SETATTR = 0x1, 0x2, 0x8000, -100, 442
-PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
-RUN_AS = 65534  # nobody, unless --uid says otherwise
+# Defined here, not in the sandbox package, because this file runs alone inside the isolation; the package imports them.
+PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")  # writable by the worker only, at every level
+RUN_AS: int  # the uid trajectories run as: main() sets it from --uid
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 TEXT_KEPT = {"stdout": 100_000, "stderr": 20_000}  # characters of each stream a cell result carries (the end)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -140,11 +141,16 @@ def read_only(path: str, recursive: bool = True) -> None:
           f"{path} read-only (mount_setattr, Linux 5.12+)")
 
 
+def python_installation() -> set[str]:
+    """The running python's folders: its prefix, the base installation's (under a virtual environment) and the
+    interpreter's home (the real one, past any symbolic link)."""
+    return {sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))}
+
+
 def python_homes() -> list[str]:
     """The python installation the worker and its children import from (with every folder on its path, which a
     `.pth` file may add from elsewhere), outermost folders only."""
-    interpreter_home = os.path.dirname(os.path.dirname(os.path.realpath(sys.executable)))
-    folders = [sys.prefix, sys.base_prefix, interpreter_home, *(path for path in sys.path if os.path.isdir(path))]
+    folders = [*python_installation(), *(path for path in sys.path if os.path.isdir(path))]
     homes = sorted({os.path.realpath(folder) for folder in folders} - {"/", *PRIVATE_TMPFS})
     return [home for home in homes if not any(home.startswith(other + "/") for other in homes)]
 

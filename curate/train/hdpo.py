@@ -255,7 +255,7 @@ def _train_hdpo(config: HDPOConfig, judge: Judge | None, ranks: Ranks, device: s
     torch.manual_seed(config.seed)
     loaded, optimizer, step, weights = start_or_resume(config.out, config.model, device, config.lr, config.resume,
                                                        ranks, config.bf16, config.activation_checkpointing)
-    prompts = [s for s in load_samples(config.shards) if s.answer not in (None, "", [])]
+    prompts = [s for s in load_samples(config.shards) if s.has_answer]
     rollout_config = RolloutConfig(config.max_turns, config.max_new_tokens, config.max_tokens, config.temperature,
                                    observation_images=config.observation_images)
     turns = sampler(loaded, weights, rollout_config, config, ranks)

@@ -32,7 +32,7 @@ from curate.sandbox import Sandbox, TrajectoryResult
 from curate.sandbox.trajectory import sandbox_job
 from curate.train.chat import PER_TOKEN, ChatEncoder, observation, prompt_turns
 from curate.train.distributed import full_weights
-from curate.train.sft import right_padded
+from curate.train.padding import right_padded
 
 STOP = "</tool_call>"
 _SENTINEL = "\ue000"  # a private-use character no template or tokenizer gives meaning to

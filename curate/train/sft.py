@@ -21,6 +21,7 @@ from curate.train.checkpoint import save_checkpoint, start_or_resume
 from curate.train.data import load_samples
 from curate.train.distributed import Ranks, gradient_sync, process_group
 from curate.train.logprobs import token_logprobs
+from curate.train.padding import right_padded
 from curate.train.settings import TrainRun, setting
 
 
@@ -44,19 +45,6 @@ def encode_examples(samples: list[Sample], encoder: ChatEncoder, max_tokens: int
         encoded.input_ids, encoded.loss_mask = encoded.input_ids[:max_tokens], encoded.loss_mask[:max_tokens]
         examples.append(encoded)
     return examples
-
-
-def right_padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """(ids, loss mask) pairs as a right-padded batch: input_ids, attention_mask, loss_mask."""
-    width = max(len(ids) for ids, _ in sequences)
-    ids = torch.full((len(sequences), width), pad_id)
-    attention = torch.zeros(len(sequences), width, dtype=torch.long)
-    loss = torch.zeros(len(sequences), width)
-    for row, (row_ids, row_mask) in enumerate(sequences):
-        ids[row, : len(row_ids)] = torch.as_tensor(row_ids)
-        attention[row, : len(row_ids)] = 1
-        loss[row, : len(row_mask)] = torch.as_tensor(row_mask, dtype=torch.float)
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 
 
 def batches(examples: list[Encoded], size: int, pad_id: int,

@@ -109,7 +109,7 @@ class ProbeStage(Stage):
 
 def ground_truth(sample: Sample) -> Any:
     """The sample's answer, else the final answer its trajectory ends with; None when it has neither."""
-    if sample.answer not in (None, "", []):
+    if sample.has_answer:
         return sample.answer
     last = sample.messages[-1] if sample.messages else None
     if last is None or last.role != "assistant" or not last.text.strip():

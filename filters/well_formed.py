@@ -11,7 +11,7 @@ from curate.sample import ROLES, Message, Sample
 from curate.stage import KEEP, Stage, StageOptions, Verdict, reject
 
 
-class FormatCheck(Stage):
+class WellFormed(Stage):
     """Rejects trajectories that are not well formed; every detail names the message index.
 
     Reasons:
@@ -65,7 +65,7 @@ class FormatCheck(Stage):
             if verdict is not None:
                 return verdict
         if not self.options.require_assistant:
-            if sample.answer in (None, "", []):
+            if not sample.has_answer:
                 return reject("no_ground_truth", "the prompt has no answer")
             return KEEP
         return self._calls_answered(sample) or self._final_answer(sample)
