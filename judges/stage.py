@@ -16,21 +16,21 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
-
-from curate.cache import Cache
-from curate.errors import UserError
-from curate.estimate import StageCost
-from curate.generation import Prompt
-from curate.registry import Registry
-from curate.retry import RetryPolicy
-from curate.sample import Sample
-from curate.stage import KEEP, Resources, Stage, StageContext, StageOptions, Verdict, reject
 from curate.judges.backend import JudgeBackend, JudgeRequest
 from curate.judges.batch import BatchRunner
 from curate.judges.bounds import PromptBounds, bound_sample
 from curate.judges.limits import Budget, RateLimiter
 from curate.judges.runner import JudgeFailure, JudgeRunner, estimate_tokens, request_key
+from pydantic import BaseModel, Field, field_validator
+
+from curate.cache import Cache
+from curate.errors import UserError
+from curate.generation import Prompt
+from curate.registry import Registry
+from curate.retry import RetryPolicy
+from curate.sample import Sample
+from curate.stage import KEEP, Resources, Stage, StageContext, StageOptions, Verdict, reject
+from curate.stage.cost import StageCost
 
 RUBRICS = Path(__file__).parent / "rubrics"
 # Gemini 3.1 Pro takes 1M tokens; 128k keeps a request within most judges' context and its cost bounded,

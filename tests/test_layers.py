@@ -24,11 +24,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("inputs, engines, sandbox, run folders", ("curate.formats", "curate.images", "curate.generation",
                                                 "curate.sandbox", "curate.recipe", "curate.rundir",
                                                 "curate.inspect")),
-    ("stage families", ("curate.probe", "curate.estimate")),
+    ("stage bases", ("curate.stage.probe", "curate.stage.sandbox")),
     ("stages", ("curate.filters", "curate.judges")),
     ("executors", ("curate.executor", "curate.ray_executor")),
     ("trainer", ("curate.train",)),
-    ("commands", ("curate.cli", "curate.__main__", "curate.doctor")),
+    ("commands", ("curate.cli", "curate.__main__", "curate.doctor", "curate.estimate")),
 ]
 
 
