@@ -103,8 +103,9 @@ class Sample:
         """Whether the sample carries a reference answer (None, an empty string or an empty list carry none)."""
         return self.answer not in (None, "", [])
 
-    def tool_calls(self) -> list[tuple[int, ToolCall]]:
-        """Every tool call with the index of the message that makes it."""
+    @property
+    def indexed_tool_calls(self) -> list[tuple[int, ToolCall]]:
+        """Every tool call with the index of the message that makes it (each message's own are `tool_calls`)."""
         return [(i, call) for i, m in enumerate(self.messages) for call in m.tool_calls]
 
     def to_row(self) -> dict[str, Any]:

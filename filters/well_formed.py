@@ -92,7 +92,7 @@ class WellFormed(Stage):
 
     @staticmethod
     def _tool_call_shapes(sample: Sample) -> Verdict | None:
-        for index, call in sample.tool_calls():
+        for index, call in sample.indexed_tool_calls:
             if not call.name.strip():
                 return reject("bad_tool_call", f"message {index}: a tool call without a name")
             if not isinstance(call.arguments, dict):

@@ -37,7 +37,7 @@ class StrategicToolJudge(JudgeStage):
     }
 
     def render(self, sample: Sample) -> Prompt | None:
-        if not sample.tool_calls():
+        if not sample.indexed_tool_calls:
             return None
         parts: list[Part] = []
         for message in sample.messages:

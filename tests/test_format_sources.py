@@ -431,7 +431,7 @@ def test_a_run_reads_a_spec_file_and_a_registration_through_the_workers(tmp_path
     assert bad["detail"].startswith("rows.jsonl row 1: 'dialog' is neither JSON nor a Python literal")
     kept = [get_format("messages").parse(row, tmp_path) for row in records(next((tmp_path / "run" / "kept").glob("*.parquet")))]
     assert sorted(s.source for s in kept) == ["a", "toolrl", "toolrl"]
-    assert [c.name for s in kept if s.source == "toolrl" for _, c in s.tool_calls()] == ["python", "python"]
+    assert [c.name for s in kept if s.source == "toolrl" for _, c in s.indexed_tool_calls] == ["python", "python"]
 
 
 # --- curate formats ---------------------------------------------------------------------------------
@@ -443,7 +443,7 @@ def test_each_formats_example_row_reads_back_with_its_call(tmp_path: Path, fmt: 
     (sample,) = read_all(fmt, example.path)
     assert sample.question == EXAMPLE_QUESTION and sample.images
     if fmt != "verl":  # an RL prompt has no trajectory
-        assert [call.name for _, call in sample.tool_calls()] in (["python"], ["crop"])
+        assert [call.name for _, call in sample.indexed_tool_calls] in (["python"], ["crop"])
 
 
 def test_formats_command_lists_every_format_and_spec_with_an_example() -> None:

@@ -202,12 +202,12 @@ def test_a_long_trajectory_keeps_question_answer_calls_and_reasoning_and_says_wh
     sample = long_trajectory(400_000, 4)
     bounded, cut = bound_sample(sample, PromptBounds(max_prompt_tokens=8_000, max_images=2))
     text = "".join(m.text for m in bounded.messages)
-    size = len(text) + sum(len(c.code or "") for _, c in bounded.tool_calls())
+    size = len(text) + sum(len(c.code or "") for _, c in bounded.indexed_tool_calls)
     assert size <= 8_000 * 4 - 2 * 258 * 4 and len(sample.messages[2].text) > 400_000  # the input is untouched
     for kept in ("QUESTION: which bar", "FINAL <answer>60</answer>", "REASONING 0: crop the left bar.",
                  "REASONING 2: crop the left bar.", "OBS1", "END1"):
         assert kept in text
-    assert [c.code for _, c in bounded.tool_calls()] == ["crop(image, 0)", "crop(image, 1)", "crop(image, 2)"]
+    assert [c.code for _, c in bounded.indexed_tool_calls] == ["crop(image, 0)", "crop(image, 1)", "crop(image, 2)"]
     assert "characters cut ...]" in text and "[image left out]" in text
     shown = [p.index for m in bounded.messages for p in m.content if isinstance(p, ImagePart)]
     assert shown[0] == 0 and len(shown) == 2  # the question's image first

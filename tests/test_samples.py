@@ -30,7 +30,7 @@ def test_good_trajectories_record_what_their_code_really_prints_and_saves() -> N
     for sample, defect in generate_sft(40, seed=1):
         if defect is not None:
             continue
-        for position, call in sample.tool_calls():
+        for position, call in sample.indexed_tool_calls:
             if call.name != "python":
                 continue
             inputs = [sample.images[i] for i in sample.messages[0].image_indices]

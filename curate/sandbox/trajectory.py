@@ -46,7 +46,7 @@ def code_calls(sample: Sample) -> list[CodeCall]:
 
 def other_tools(sample: Sample) -> list[str]:
     """Names of the non-code tools the trajectory calls (left alone by the sandbox stages)."""
-    return sorted({call.name for _, call in sample.tool_calls() if call.code is None})
+    return sorted({call.name for _, call in sample.indexed_tool_calls if call.code is None})
 
 
 def sandbox_job(sample: Sample) -> tuple[list[str], dict[str, bytes], list[str]]:

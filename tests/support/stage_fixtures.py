@@ -71,7 +71,7 @@ class RecordedVsActual(Stage):
 
     def check(self, sample: Sample) -> Verdict:
         comparisons = []
-        for position, call in sample.tool_calls():
+        for position, call in sample.indexed_tool_calls:
             recorded = sample.messages[position + 1].text if position + 1 < len(sample.messages) else ""
             actual = "".join(str((int(c) + 1) % 10) if c.isdigit() else c for c in recorded)
             comparisons.append({"call": position, "recorded": recorded, "actual": actual})
