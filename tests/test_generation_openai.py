@@ -49,7 +49,7 @@ def test_request_carries_model_sampling_and_images_as_data_urls(monkeypatch: pyt
     assert picture["type"] == "image_url" and url.startswith("data:image/png;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == image
     assert "authorization" not in server.headers[0]
-    assert (sent.prompts, gen.requests) == (1, 1)
+    assert (sent.prompts, len(server.requests)) == (1, 1)
 
 
 def test_send_images_false_sends_text_only() -> None:
@@ -76,7 +76,7 @@ def test_results_keep_prompt_order_under_concurrency(monkeypatch: pytest.MonkeyP
         results = gen.generate([prompt(f"p{k}") for k in range(40)], 3, PARAMS)
     assert results == [[f"p{k}/{i}" for i in range(3)] for k in range(40)]
     assert 1 < peak[0] <= 8
-    assert (sent.prompts, gen.requests) == (40, 40)
+    assert (sent.prompts, len(server.requests)) == (40, 40)
 
 
 def test_server_ignoring_n_is_asked_again_with_new_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +85,7 @@ def test_server_ignoring_n_is_asked_again_with_new_seeds(monkeypatch: pytest.Mon
         gen = generator(server)
         assert gen.generate([prompt("q")], 3, PARAMS) == [["seed 3", "seed 4", "seed 5"]]
     assert [body["n"] for body in server.requests] == [3, 2, 1]
-    assert (sent.prompts, gen.requests) == (1, 3)
+    assert (sent.prompts, len(server.requests)) == (1, 3)
 
 
 def test_429_is_retried_after_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,7 +96,7 @@ def test_429_is_retried_after_retry_after(monkeypatch: pytest.MonkeyPatch) -> No
         start = time.monotonic()
         assert gen.generate([prompt("q")], 1, PARAMS) == [["q"]]
         assert time.monotonic() - start >= 0.1
-    assert (sent.prompts, gen.requests, len(server.requests)) == (1, 2, 2)
+    assert (sent.prompts, len(server.requests)) == (1, 2)
 
 
 def test_server_errors_garbage_drops_and_timeouts_are_retried(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +105,7 @@ def test_server_errors_garbage_drops_and_timeouts_are_retried(monkeypatch: pytes
         server.faults.extend(["500", "garbage", "drop", "slow"])
         gen = generator(server, timeout=0.2, max_retries=4)
         assert gen.generate([prompt("q")], 1, PARAMS) == [["q"]]
-    assert (sent.prompts, gen.requests, len(server.requests)) == (1, 5, 5)
+    assert (sent.prompts, len(server.requests)) == (1, 5)
 
 
 def test_client_error_fails_at_once_with_one_line() -> None:
@@ -126,7 +126,7 @@ def test_exhausted_retries_raise_with_the_last_status() -> None:
         gen = generator(server, max_retries=2)
         with pytest.raises(TransientFailure, match=r"failed after 3 attempts: HTTP 503: .*scripted 503"):
             gen.generate([prompt("q")], 1, PARAMS)
-    assert (gen.requests, len(server.requests)) == (3, 3)
+    assert len(server.requests) == 3
 
 
 def test_unreachable_server_raises_a_connection_error() -> None:

@@ -15,7 +15,6 @@ rest, with the seed moved on so the extra samples differ.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
@@ -99,8 +98,6 @@ class OpenAIGenerator:
         self.concurrency = concurrency
         self.policy = RetryPolicy(max_retries, backoff)
         self.send_images = send_images
-        self.requests = 0  # HTTP requests made, retries included
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OpenAIGenerator(model={self.model!r}, url={self.url!r})"
@@ -132,8 +129,6 @@ class OpenAIGenerator:
         """The completions of one request, retried on transient failures; TransientFailure when they persist."""
 
         def attempt() -> list[str]:
-            with self._lock:
-                self.requests += 1
             return _contents(self.client.post(body), self.client)
 
         return retry(attempt, self.policy, f"POST {self.url}")
