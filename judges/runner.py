@@ -44,7 +44,6 @@ class JudgeRunner:
         self.budget = budget or Budget()
         self.retry = retry  # transient errors (429, 5xx, timeouts)
         self.parse_retries = parse_retries  # answers that are not the schema
-        self.requests = 0  # HTTP requests / generations really made, retries included
         # One loop for the runner's life: async clients keep connections bound to the loop that opened them.
         self._loop = asyncio.new_event_loop()
 
@@ -96,7 +95,6 @@ class JudgeRunner:
             self.budget.check()
             await self.limiter.acquire(estimate_tokens(request))
             self.budget.requests += 1
-            self.requests += 1
             reply = await self.backend.complete(request)
             self.budget.charge(reply.input_tokens, reply.output_tokens)
             return reply
