@@ -18,9 +18,9 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet "$work"/dist/curate_tooluse-*.whl
 cd "$work"
 mkdir elsewhere && cd elsewhere
-# Nothing generic at the top of site-packages; the stage packages inside curate.
+# Nothing generic at the top of site-packages; the stage packages inside curate; no test support (curate_testkit).
 "$work/venv/bin/python" -c 'import importlib.util as u, curate.filters, curate.judges
-assert u.find_spec("filters") is None and u.find_spec("judges") is None'
+assert u.find_spec("filters") is None and u.find_spec("judges") is None and u.find_spec("curate_testkit") is None'
 "$work/venv/bin/curate" --version
 "$work/venv/bin/curate" run starter --no-progress
 "$work/venv/bin/curate" init demo
