@@ -16,21 +16,28 @@ from curate.sandbox import Sandbox, SandboxOptions, isolation_for
 from curate.sandbox.trajectory import code_calls, execute_many
 from curate.stage import Stage, StageContext, StageOptions
 
+DEFAULT = SandboxOptions()  # the sandbox's own defaults: a recipe that gives no option gets them
+
 
 class SandboxStageOptions(StageOptions):
-    """Sandbox settings a recipe can give any stage that executes code."""
+    """Sandbox settings a recipe can give any stage that executes code: the sandbox's own, checked and described."""
 
-    timeout: float = Field(default=20.0, gt=0, description="wall-clock seconds per trajectory")
-    cpu_seconds: int = Field(default=20, gt=0, description="CPU seconds per trajectory")
-    memory_mb: int = Field(default=4096, ge=512, description="address-space limit per trajectory (MiB)")
-    max_processes: int = Field(default=64, gt=0, description="processes and threads per trajectory")
-    max_file_mb: int = Field(default=64, gt=0, description="largest file a trajectory may write (MiB)")
-    max_output_kb: int = Field(default=1024, gt=0, description="most text one call may print (stdout + stderr, KiB)")
-    tmp_mb: int = Field(default=512, gt=0, description="size of each worker's private /tmp (MiB)")
-    parallelism: int = Field(default=2, gt=0, description="warm workers, i.e. trajectories run at once")
-    worker_grace: float = Field(default=30.0, gt=0, description="seconds a worker may take beyond `timeout` to "
-                                                                 "answer before the watchdog kills and replaces it")
-    isolation: str = Field(default="auto", pattern="^(auto|bwrap|namespace)$",
+    timeout: float = Field(default=DEFAULT.timeout, gt=0, description="wall-clock seconds per trajectory")
+    cpu_seconds: int = Field(default=DEFAULT.cpu_seconds, gt=0, description="CPU seconds per trajectory")
+    memory_mb: int = Field(default=DEFAULT.memory_mb, ge=512, description="address-space limit per trajectory (MiB)")
+    max_processes: int = Field(default=DEFAULT.max_processes, gt=0,
+                               description="processes and threads per trajectory")
+    max_file_mb: int = Field(default=DEFAULT.max_file_mb, gt=0,
+                             description="largest file a trajectory may write (MiB)")
+    max_output_kb: int = Field(default=DEFAULT.max_output_kb, gt=0,
+                               description="most text one call may print (stdout + stderr, KiB)")
+    tmp_mb: int = Field(default=DEFAULT.tmp_mb, gt=0, description="size of each worker's private /tmp (MiB)")
+    parallelism: int = Field(default=DEFAULT.parallelism, gt=0,
+                             description="warm workers, i.e. trajectories run at once")
+    worker_grace: float = Field(default=DEFAULT.worker_grace, gt=0,
+                                description="seconds a worker may take beyond `timeout` to answer before the watchdog "
+                                            "kills and replaces it")
+    isolation: str = Field(default=DEFAULT.isolation, pattern="^(auto|bwrap|namespace)$",
                            description="auto (= bwrap): a working bubblewrap, system or bundled, else stop; "
                                        "namespace: the weaker level, only when asked for")
 
