@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO
+from curate_testkit.harness import run_curate
 
 from curate.generation import installed_vllm
 
@@ -19,8 +19,7 @@ SECRET = "sk-test-0123456789-never-printed"
 
 def doctor(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY")}
-    return subprocess.run([sys.executable, "-m", "curate", "doctor", *args], capture_output=True, text=True,
-                          cwd=REPO, env={**base, "PYTHONPATH": str(REPO), **env}, timeout=900)
+    return run_curate("doctor", *args, env={**base, "PYTHONPATH": str(REPO), **env}, timeout=900, check=False)
 
 
 def test_doctor_names_the_keys_set_never_their_values_and_checks_the_cache(tmp_path: Path) -> None:

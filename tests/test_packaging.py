@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_accounting
+from curate_testkit.harness import run_curate
 
 
 def curate_in(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "curate", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600, check=check)
+    return run_curate(*args, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600, check=check)
 
 
 def test_a_checkout_imports_the_stage_packages_inside_curate() -> None:

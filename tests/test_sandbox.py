@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import assert_accounting
+from curate_testkit.harness import run_curate
 from curate_testkit.pictures import png_bytes
 
 from curate.errors import UserError
@@ -311,8 +312,7 @@ def test_no_working_bwrap_stops_the_run_before_any_row(tmp_path: Path, broken: s
 
 
 def curate_command(*args: str, environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO,
-                          env=os.environ | environment)
+    return run_curate(*args, env=os.environ | environment, check=False)
 
 
 def test_the_cli_says_which_level_it_gets_or_why_it_cannot_isolate(tmp_path: Path) -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from curate_testkit.harness import run_curate
 from curate_testkit.toy import build_toy_policy, hashed, toy_prompt, toy_trajectory
 
 from curate.formats import get_format
@@ -99,9 +98,7 @@ def test_format_reward(turns: list[str], ok: bool) -> None:
 
 
 def curate_cli(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
+    return run_curate(*args)
 
 
 def test_hdpo_asks_an_llm_judge_for_answers_the_rules_cannot_decide(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[2]  # tests/support/ in the checkout
 
 
 def run_curate(*args: str, env: Mapping[str, str] | None = None, timeout: float | None = None,
-               check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m curate ARGS` from the checkout's root, its output captured. With `check`, an exit other than 0
-    fails the test with the command and the end of its stderr."""
-    result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=REPO,
+               check: bool = True, cwd: str | Path = REPO) -> subprocess.CompletedProcess[str]:
+    """`python -m curate ARGS` in `cwd` (the checkout's root unless told), its output captured. With `check`, an
+    exit other than 0 fails the test with the command and the end of its stderr."""
+    result = subprocess.run([sys.executable, "-m", "curate", *args], capture_output=True, text=True, cwd=cwd,
                             env=env, check=False, timeout=timeout)
     assert not check or result.returncode == 0, (
         f"curate {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
