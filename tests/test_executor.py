@@ -73,6 +73,9 @@ def test_every_row_is_kept_or_rejected_with_a_reason(tmp_path: Path, messages_fi
     assert [o["rows"] for o in manifest["outputs"]] == [7, 7, 6]
     loaded = datasets.load_dataset("parquet", data_files=str(run_dir / "kept" / "*.parquet"), split="train")
     assert loaded["id"] == kept
+    for folder in ("kept", "rejected"):  # both named alike: shard-00000.parquet, shard-00001.parquet, ...
+        names = sorted(path.name for path in (run_dir / folder).iterdir())
+        assert names and names == [f"shard-{index:05d}.parquet" for index in range(len(names))], names
 
 
 def test_workers_give_the_same_result_as_one_process(tmp_path: Path, messages_file: Path) -> None:
