@@ -124,10 +124,10 @@ def test_entry_point_plugin_stage_is_found_and_runs(tmp_path: Path, generated: P
     recipe.write_text(yaml.safe_dump({"input": {"paths": [str(generated)]}, "stages": [{"even_rows": {}}],
                                       "output": {"kind": "sft"}}))
     env = {**os.environ, "PYTHONPATH": str(site)}
-    listing = subprocess.run([sys.executable, "-m", "curate", "stages"], capture_output=True, text=True, env=env, check=True)
+    listing = run_curate("stages", env=env)
     assert "even_rows  [workers, batch 64]  Keeps rows whose input row number is even." in listing.stdout
-    subprocess.run([sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "run"), "--workers", "2",
-                    "--no-progress", "--cache", str(tmp_path / "c.sqlite")], check=True, env=env, capture_output=True)
+    run_curate("run", str(recipe), "-o", str(tmp_path / "run"), "--workers", "2", "--no-progress", "--cache",
+               str(tmp_path / "c.sqlite"), env=env)
     manifest = assert_accounting(tmp_path / "run")
     assert manifest["stages"][1] == {**manifest["stages"][1], "name": "even_rows", "in": 600, "kept": 300,
                                      "reasons": {"odd_row": 300}}

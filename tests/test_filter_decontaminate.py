@@ -5,27 +5,26 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import curate.filters.decontaminate as decontaminate_module
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO
+from curate.filters.decontaminate import Decontaminate
+from curate_testkit.harness import run_curate
 from curate_testkit.pictures import png_bytes
 from PIL import Image as PILImage
 
-import curate.filters.decontaminate as decontaminate_module
 from curate.cache import Cache
 from curate.errors import UserError
 from curate.recipe import _validate, load_recipe
 from curate.sample import Image, ImagePart, Message, Sample, TextPart
 from curate.stage import StageContext
 from curate.textnorm import Normaliser
-from curate.filters.decontaminate import Decontaminate
 
 LONG = [
     "In the bar chart of average rainfall per month, which month receives more rain than every other month of the year",
@@ -179,9 +178,8 @@ def test_cli_stops_in_one_line_without_touching_the_run(tmp_path: Path) -> None:
         "input": {"paths": [str(REPO / "data" / "sample" / "rl_verl.parquet")], "format": "verl"},
         "stages": [{"decontaminate": {"benchmarks": {"mathvista": {"paths": ["evals/missing.parquet"]}}}}],
         "output": {"kind": "rl"}}))
-    result = subprocess.run([sys.executable, "-m", "curate", "run", str(recipe), "-o", str(tmp_path / "run"),
-                             "--cache", str(tmp_path / "c.sqlite"), "--no-progress"], capture_output=True, text=True,
-                            cwd=REPO)
+    result = run_curate("run", str(recipe), "-o", str(tmp_path / "run"), "--cache", str(tmp_path / "c.sqlite"),
+                        "--no-progress", check=False)
     assert result.returncode != 0
     assert result.stderr.strip() == (f"error: decontaminate: benchmark 'mathvista': input file not found: "
                                      f"{tmp_path / 'evals' / 'missing.parquet'}")
