@@ -151,7 +151,8 @@ def the_training_tutorial_trained(root: Path) -> None:
     (entry,) = [json.loads(line) for line in (out / "hdpo_log.jsonl").read_text().splitlines()]
     assert entry["step"] == 1
     for key in ("accuracy", "tool_call_rate", "mean_tool_calls", "tool_productivity", "qualifying_ratio", "loss_acc",
-                "loss_tool", "clip_frac_acc", "clip_frac_tool", "grad_norm", "seconds"):
+                "loss_tool", "clip_frac_acc", "clip_frac_tool", "grad_norm", "seconds", "groups/mixed", "zero_adv_acc",
+                "tool_signal_acc/all_correct", "tool_signal_tool/mixed"):
         assert key in entry, key
     checkpoint = out / "checkpoint-000001"
     assert torch.load(checkpoint / "trainer_state.pt")["step"] == 1

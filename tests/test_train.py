@@ -132,6 +132,9 @@ def test_cli_trains_the_otc_baseline_with_its_settings(tmp_path: Path) -> None:
     assert (settings["algo"], settings["otc_c"], settings["max_grad_norm"]) == ("otc", 2.0, 0.5)
     (log,) = [json.loads(line) for line in (tmp_path / "out" / "hdpo_log.jsonl").read_text().splitlines()]
     assert "tool_productivity" in log and "grad_norm" in log
+    # What each group type gave the trained term (curate.train.signals): the shares sum to 1 over the step's groups.
+    assert sum(log[f"groups/{kind}"] for kind in ("all_correct", "mixed", "all_wrong")) == pytest.approx(1.0)
+    assert {"zero_adv_acc", "tool_signal_acc/mixed", "tool_signal_acc/all_wrong"} <= set(log)
     # The advantages that run's settings give (the trainer's own function): four correct, well-formed rollouts with
     # 0-3 tool calls have equal accuracy rewards, so GRPO's advantages would all be 0; OTC's rank fewer calls higher,
     # by its reward with c = 2 (c = 1 would give others).

@@ -10,7 +10,8 @@ One step, read top to bottom in `hdpo_step`:
 4. one or more clipped-surrogate updates on those terms, `w_acc·L(A_acc) + w_tool·L(A_tool)` for `hdpo`,
    observations masked, then the rollout sampler takes the new weights (a no-op for transformers, a weight load
    for vLLM);
-5. metrics to `hdpo_log.jsonl` and the progress bar; checkpoints that resume with the optimizer.
+5. metrics to `hdpo_log.jsonl` (with what each group type gave each term: `curate.train.signals`) and the progress
+   bar; checkpoints that resume with the optimizer.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from curate.train.logprobs import token_logprobs
 from curate.train.loss import policy_loss, term_tokens
 from curate.train.rollout import GatheredTurns, Rollout, RolloutConfig, RolloutEngine, TurnSampler, padded
 from curate.train.settings import TrainRun, setting
+from curate.train.signals import group_signals
 from curate.verify import AnswerVerifier, Judge
 
 
@@ -236,7 +238,9 @@ def hdpo_step(loaded: LoadedModel, engine: RolloutEngine, optimizer: torch.optim
     loaded.net.train()
     losses = update(loaded, optimizer, rollouts, trained, config, ranks)
     engine.turns.load_policy(loaded.net)
-    return {**rollout_metrics({name: ranks.gather(value) for name, value in scores.items()}),
+    gathered = {name: ranks.gather(value) for name, value in scores.items()}
+    # A group's advantages depend on that group alone: those of the gathered scores are every rank's.
+    return {**rollout_metrics(gathered), **group_signals(gathered, advantages(gathered, config)),
             **{k if k.startswith(("clip", "grad")) else f"loss_{k}": v for k, v in losses.items()},
             "seconds": time.perf_counter() - started}
 

@@ -13,7 +13,7 @@ from statistics import mean
 from typing import Any
 
 import torch
-from curate_testkit.toy import KINDS, NUMBERS, base_data, build_toy_policy, cold_start_data, toy_prompts
+from curate_testkit.toy import DILEMMA_KINDS, KINDS, NUMBERS, base_data, build_toy_policy, cold_start_data, toy_prompts
 
 from curate.formats import get_format
 from curate.generation.hf import load_model
@@ -25,6 +25,8 @@ from curate.train.sft import SFTConfig, train_sft
 from curate.verify import AnswerVerifier
 
 MAX_TURNS, MAX_NEW_TOKENS, MAX_TOKENS = 3, 14, 160  # a call is 5-6 tokens, an answer 4; one spare call for chain
+SUITES = {"toy": KINDS, "dilemma": DILEMMA_KINDS}
+SUITE_TURNS = {"toy": MAX_TURNS, "dilemma": 4}  # triple's three calls and one spare
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,14 @@ def write_shard(samples: list[Sample], path: Path, fmt: str) -> list[Path]:
     return [path]
 
 
-def sample_rollouts(checkpoint: Path, prompts: list[Sample], samples_per_prompt: int, seed: int) -> list[Rollout]:
+def sample_rollouts(checkpoint: Path, prompts: list[Sample], samples_per_prompt: int, seed: int,
+                    max_turns: int = MAX_TURNS) -> list[Rollout]:
     """Rollouts sampled as HDPO samples them (temperature 1, the python tool in the sandbox)."""
     torch.manual_seed(seed)
     loaded = load_model(str(checkpoint), "cpu", "float32")
     loaded.net.eval()
     with Sandbox(SandboxOptions(timeout=5, cpu_seconds=5)) as sandbox:
-        engine = RolloutEngine(loaded, sandbox, RolloutConfig(MAX_TURNS, MAX_NEW_TOKENS, MAX_TOKENS))
+        engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns, MAX_NEW_TOKENS, MAX_TOKENS))
         return engine.run([engine.start(p) for p in prompts for _ in range(samples_per_prompt)])
 
 
