@@ -140,8 +140,10 @@ def test_vision_hdpo_step_samples_and_updates_with_the_image(tiny_vl: Path, tmp_
     with Sandbox(SandboxOptions(timeout=10, cpu_seconds=10)) as sandbox:
         engine = RolloutEngine(loaded, sandbox, RolloutConfig(max_turns=1, max_new_tokens=8, max_tokens=256))
         metrics = hdpo_step(loaded, engine, optimizer, [picture_prompt()], Alternating(), config)
-    # tool productivity is None in a step without calls; every other metric is a finite number
-    assert metrics["accuracy"] == 0.5 and all(math.isfinite(v) for k, v in metrics.items() if k != "tool_productivity")
+    # tool productivity is None in a step without calls, a group type's tool signal in a step without such a group;
+    # every other metric is a finite number
+    assert metrics["accuracy"] == 0.5 and all(math.isfinite(v) for v in metrics.values() if v is not None)
+    assert all(k == "tool_productivity" or k.startswith("tool_signal_") for k, v in metrics.items() if v is None)
     # each rollout sampled with the image (once per turn: a sampled `</tool_call>` makes two), then each trained
     # row read it; the ids always came with their token types
     assert pixels.count(False) >= 2 and pixels[-2:] == [True, True] and pixels.count(True) == 2 and all(typed)
