@@ -65,19 +65,22 @@ def _quiet() -> None:
 
 def measured(checkpoint: Path, seed: int, samples: int, suite: str) -> dict[str, Any]:
     from curate_testkit.toy import toy_prompts
-    from curate_testkit.toy_runs import SUITE_TURNS, SUITES, rates, sample_rollouts, tool_productivity
+    from curate_testkit.toy_runs import SUITES as TOY_SUITES  # the kinds and turns; this module's SUITES: the table
+    from curate_testkit.toy_runs import rates, sample_rollouts, tool_productivity
 
-    rollouts = sample_rollouts(checkpoint, toy_prompts(SUITES[suite]), samples, seed, SUITE_TURNS[suite])
+    kinds, max_turns = TOY_SUITES[suite].kinds, TOY_SUITES[suite].max_turns
+    rollouts = sample_rollouts(checkpoint, toy_prompts(kinds), samples, seed, max_turns)
     return {"rates": {name: vars(found) for name, found in rates(rollouts).items()},
             "tool_productivity": tool_productivity(rollouts)}
 
 
 def pretrain_job(folder: Path, seed: int, samples: int, suite: str) -> dict[str, Any]:
     _quiet()
-    from curate_testkit.toy_runs import SUITES, pretrain
+    from curate_testkit.toy_runs import SUITES as TOY_SUITES
+    from curate_testkit.toy_runs import pretrain
 
     started = time.perf_counter()
-    cold = pretrain(folder, seed, SUITES[suite])
+    cold = pretrain(folder, seed, TOY_SUITES[suite].kinds)
     return {"checkpoint": str(cold), **measured(cold, seed, samples, suite), "seconds": time.perf_counter() - started}
 
 
@@ -99,10 +102,12 @@ def training_log(out: Path) -> dict[str, Any]:
 def tune_job(cold: Path, out: Path, seed: int, samples: int, suite: str, config: dict[str, Any]) -> dict[str, Any]:
     _quiet()
     from curate_testkit.toy import toy_prompts
-    from curate_testkit.toy_runs import SUITE_TURNS, SUITES, tune
+    from curate_testkit.toy_runs import SUITES as TOY_SUITES
+    from curate_testkit.toy_runs import tune
 
     started = time.perf_counter()
-    tuned = tune(cold, out, seed, toy_prompts(SUITES[suite]), resume=False, max_turns=SUITE_TURNS[suite], **config)
+    toy_suite = TOY_SUITES[suite]
+    tuned = tune(cold, out, seed, toy_prompts(toy_suite.kinds), resume=False, max_turns=toy_suite.max_turns, **config)
     return {**measured(tuned, seed, samples, suite), "log": training_log(out), "seconds": time.perf_counter() - started}
 
 
@@ -159,8 +164,10 @@ def pooled(result: dict[str, Any], buckets: tuple[str, ...], field: str) -> floa
 
 
 def weighted_signal(run: dict[str, Any], config: dict[str, Any], kind: str) -> float | None:
-    """A run's tool signal in groups of `kind`, summed over its terms with their loss weights (w_acc 1, w_tool)."""
-    weights = {"acc": 1.0, "tool": config.get("w_tool", 0.15)}
+    """A run's tool signal in groups of `kind`, summed over its terms with the trainer's loss weights for `config`."""
+    from curate.train.hdpo import HDPOConfig, term_weights
+
+    weights = term_weights(HDPOConfig(model="", shards=[], out=Path(), **config))
     found = {term: run["log"].get(f"tool_signal_{term}/{kind}") for term in weights}
     if all(value is None for value in found.values()):
         return None

@@ -25,8 +25,15 @@ from curate.train.sft import SFTConfig, train_sft
 from curate.verify import AnswerVerifier
 
 MAX_TURNS, MAX_NEW_TOKENS, MAX_TOKENS = 3, 14, 160  # a call is 5-6 tokens, an answer 4; one spare call for chain
-SUITES = {"toy": KINDS, "dilemma": DILEMMA_KINDS}
-SUITE_TURNS = {"toy": MAX_TURNS, "dilemma": 4}  # triple's three calls and one spare
+
+
+@dataclass(frozen=True)
+class Suite:
+    kinds: tuple[str, ...]
+    max_turns: int  # calls a rollout may make
+
+
+SUITES = {"toy": Suite(KINDS, MAX_TURNS), "dilemma": Suite(DILEMMA_KINDS, 4)}  # triple's three calls and one spare
 
 
 @dataclass(frozen=True)
