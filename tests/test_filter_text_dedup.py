@@ -179,7 +179,7 @@ def test_state_dict_round_trip_continues_the_stream(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"bands": 30}, r"must divide num_perm \(128\)"),
+        ({"bands": 30}, r"must divide num_perm \(252\)"),
         ({"num_perm": 64, "bands": 128}, r"must divide num_perm \(64\)"),
         ({"threshold": 0}, "greater than 0"),
         ({"threshold": 1.5}, "less than or equal to 1"),
