@@ -1,18 +1,23 @@
 """text_dedup and decontaminate: quality and cost, as ratios measured side by side in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_text_dedup.py                      # 100K and 1M questions
-    OMP_NUM_THREADS=1 python benchmarks/bench_text_dedup.py --sizes 100000       # what a loaded machine allows
+    OMP_NUM_THREADS=1 python benchmarks/bench_text_dedup.py                      # everything, 100K and 1M questions
+    OMP_NUM_THREADS=1 python benchmarks/bench_text_dedup.py --parts sizes --sizes 100000 \
+        --options '{"num_perm": 128, "bands": 32}'                                # other options, one size
 
 Prints one JSON line per measurement:
 - `library`: MinHash + LSH (sign, query, insert one question at a time) in rensa and in datasketch, on the same
   questions: throughput and peak memory (the reason text_dedup uses rensa);
 - `quality`: recall of planted near-duplicates (paraphrase-level edits, as the bundled sample plants them) at the
-  default threshold, and the false-positive rate on distinct questions;
-- `scale`: text_dedup's throughput and peak memory at each size, and at 10K against the exact all-pairs
-  Jaccard (the definition, computed with sparse matrix products), with the agreement of their verdicts;
+  default threshold, and the false-positive rate on distinct questions, at the default banding and the earlier
+  one (128 permutations, 32 bands);
+- `scale` (part `exact`): at 10K, text_dedup against the exact all-pairs Jaccard (the definition, computed with
+  sparse matrix products), with the agreement of their verdicts;
+- `scale` (part `sizes`): text_dedup's throughput (overall and over each tenth of the input, as the index grows),
+  peak memory and state size at each size; on the first size also at the earlier banding (`banding_ratio`);
 - `decontaminate`: throughput of samples against 10K evaluation items (questions and images), and the set-up
   time with the evaluation set parsed (cold) and from the cache (warm).
-Each measurement runs in its own spawned process, so its peak resident memory is its own.
+Each measurement runs in its own spawned process, so its peak resident memory is its own. The `library` part needs
+datasketch, which curate does not depend on: `pip install datasketch`.
 """
 
 from __future__ import annotations
@@ -110,9 +115,10 @@ def run_library(name: str, count: int) -> dict:
 
 
 def run_quality(distinct: int, planted: int, options: dict | None = None) -> dict:
-    from curate_testkit.sample_generator import paraphrase
-    from curate.stage import StageContext
     from curate.filters.text_dedup import TextDedup
+    from curate_testkit.sample_generator import paraphrase
+
+    from curate.stage import StageContext
 
     rng = random.Random(1)
     texts = questions(distinct, seed=1)
@@ -147,23 +153,33 @@ def run_quality(distinct: int, planted: int, options: dict | None = None) -> dic
 
 
 def run_text_dedup(count: int, options: dict | None = None) -> dict:
-    from curate.stage import StageContext
     from curate.filters.text_dedup import TextDedup
+
+    from curate.stage import StageContext
 
     rows = samples(questions(count, seed=2))
     dedup = TextDedup(TextDedup.Options(**(options or {})))
     dedup.setup(StageContext(Path("/dev/null"), Path(tempfile.gettempdir())))
     started = time.perf_counter()
     rejected = 0
+    tenths = []  # questions/s over each tenth of the input: how throughput falls as the index grows
+    tenth_started, tenth_rows = started, 0
     for start in range(0, count, 1024):
-        rejected += sum(not v.keep for v in dedup.process(rows[start : start + 1024]))
+        batch = rows[start : start + 1024]
+        rejected += sum(not v.keep for v in dedup.process(batch))
+        tenth_rows += len(batch)
+        if tenth_rows >= count / 10 or start + 1024 >= count:
+            now = time.perf_counter()
+            tenths.append(round(tenth_rows / (now - tenth_started)))
+            tenth_started, tenth_rows = now, 0
     seconds = time.perf_counter() - started
     import pickle
 
     state_bytes = len(pickle.dumps(dedup.state_dict()))
     return {"method": "text_dedup", "questions": count, "seconds": round(seconds, 2),
-            "per_second": round(count / seconds), "rejected": rejected,
-            "state_bytes_per_kept_row": round(state_bytes / max(1, len(dedup.ids)), 1)}
+            "per_second": round(count / seconds), "per_second_by_tenth": tenths, "rejected": rejected,
+            "state_bytes_per_kept_row": round(state_bytes / max(1, len(dedup.ids)), 1),
+            **dedup.options.model_dump(include={"num_perm", "bands"})}
 
 
 def run_exact(count: int) -> dict:
@@ -201,8 +217,9 @@ def run_exact(count: int) -> dict:
 
 
 def run_text_dedup_rows(count: int, options: dict | None = None) -> dict:
-    from curate.stage import StageContext
     from curate.filters.text_dedup import TextDedup
+
+    from curate.stage import StageContext
 
     rows = samples(questions(count, seed=2))
     dedup = TextDedup(TextDedup.Options(**(options or {})))
@@ -223,10 +240,10 @@ def png(seed: int) -> bytes:
 def run_decontaminate(items: int, count: int, folder: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from curate.filters.decontaminate import Decontaminate
 
     from curate.sample import Image, ImagePart, Message, Sample, TextPart
     from curate.stage import StageContext
-    from curate.filters.decontaminate import Decontaminate
 
     rng = random.Random(3)
     eval_questions = [f"{text} Consider item {k} of the set and explain which of the options A to D is right."
@@ -256,6 +273,10 @@ def run_decontaminate(items: int, count: int, folder: str) -> dict:
             "rejected": rejected, "setup_cold_s": round(timings["cold"], 2), "setup_warm_s": round(timings["warm"], 2)}
 
 
+PARTS = ("library", "quality", "exact", "sizes", "decontaminate")
+EARLIER_BANDING = {"num_perm": 128, "bands": 32}  # text_dedup's defaults before 36 bands of 7 values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -263,33 +284,55 @@ def main() -> None:
     parser.add_argument("--exact", type=int, default=10_000)
     parser.add_argument("--eval-items", type=int, default=10_000)
     parser.add_argument("--decontaminate-samples", type=int, default=5_000)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure (default: all); `--parts sizes --sizes 1000000` measures 1M alone")
+    parser.add_argument("--options", type=json.loads, default=None,
+                        help="text_dedup options for the sizes, as JSON (default: the stage's)")
     args = parser.parse_args()
 
     def emit(kind: str, result: dict) -> None:
         print(json.dumps({"kind": kind, **result}), flush=True)
 
-    libraries = {name: in_child(run_library, name, args.library_questions) for name in ("rensa", "datasketch")}
-    for result in libraries.values():
-        emit("library", result)
-    rensa, datasketch = libraries["rensa"], libraries["datasketch"]
-    emit("library_ratio", {"rensa_speedup": round(datasketch["seconds"] / rensa["seconds"], 1),
-                           "memory_ratio_datasketch_over_rensa": round(
-                               (libraries["datasketch"]["peak_mib"] - libraries["datasketch"]["baseline_mib"])
-                               / max(1.0, libraries["rensa"]["peak_mib"] - libraries["rensa"]["baseline_mib"]), 2)})
-    emit("quality", in_child(run_quality, 20_000, 2_000))
-    exact = in_child(run_exact, args.exact)
-    approximate = in_child(run_text_dedup, args.exact)
-    approximate_rows = in_child(run_text_dedup_rows, args.exact)["rejected_rows"]
-    agreement = 1 - len(set(exact.pop("rejected_rows")) ^ set(approximate_rows)) / args.exact
-    emit("scale", exact)
-    emit("scale", approximate)
-    emit("scale_ratio", {"questions": args.exact,
-                         "speedup_over_exact": round(exact["seconds"] / approximate["seconds"], 1),
-                         "verdict_agreement": round(agreement, 5)})
-    for size in args.sizes:
-        emit("scale", in_child(run_text_dedup, size))
-    with tempfile.TemporaryDirectory() as folder:
-        emit("decontaminate", in_child(run_decontaminate, args.eval_items, args.decontaminate_samples, folder))
+    if "library" in args.parts:
+        try:
+            import datasketch
+        except ImportError:
+            sys.exit("the library part compares rensa with datasketch: `pip install datasketch`, or leave it out "
+                     "(--parts quality exact sizes decontaminate)")
+        libraries = {name: in_child(run_library, name, args.library_questions) for name in ("rensa", "datasketch")}
+        for result in libraries.values():
+            emit("library", result)
+        rensa, datasketch = libraries["rensa"], libraries["datasketch"]
+        emit("library_ratio", {"rensa_speedup": round(datasketch["seconds"] / rensa["seconds"], 1),
+                               "memory_ratio_datasketch_over_rensa": round(
+                                   (datasketch["peak_mib"] - datasketch["baseline_mib"])
+                                   / max(1.0, rensa["peak_mib"] - rensa["baseline_mib"]), 2)})
+    if "quality" in args.parts:
+        emit("quality", in_child(run_quality, 20_000, 2_000))
+        emit("quality", in_child(run_quality, 20_000, 2_000, EARLIER_BANDING))
+    if "exact" in args.parts:
+        exact = in_child(run_exact, args.exact)
+        approximate = in_child(run_text_dedup, args.exact)
+        approximate_rows = in_child(run_text_dedup_rows, args.exact)["rejected_rows"]
+        agreement = 1 - len(set(exact.pop("rejected_rows")) ^ set(approximate_rows)) / args.exact
+        emit("scale", exact)
+        emit("scale", approximate)
+        emit("scale_ratio", {"questions": args.exact,
+                             "speedup_over_exact": round(exact["seconds"] / approximate["seconds"], 1),
+                             "verdict_agreement": round(agreement, 5)})
+    if "sizes" in args.parts:
+        results = [in_child(run_text_dedup, size, args.options) for size in args.sizes[:1]]
+        emit("scale", results[0])
+        if args.options is None:  # the default banding against the earlier one, on the first size
+            earlier = in_child(run_text_dedup, args.sizes[0], EARLIER_BANDING)
+            emit("scale", earlier)
+            emit("banding_ratio", {"questions": args.sizes[0],
+                                   "speedup_over_128_32": round(earlier["seconds"] / results[0]["seconds"], 2)})
+        for size in args.sizes[1:]:
+            emit("scale", in_child(run_text_dedup, size, args.options))
+    if "decontaminate" in args.parts:
+        with tempfile.TemporaryDirectory() as folder:
+            emit("decontaminate", in_child(run_decontaminate, args.eval_items, args.decontaminate_samples, folder))
 
 
 if __name__ == "__main__":
