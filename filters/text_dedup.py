@@ -73,7 +73,7 @@ class TextDedup(Stage):
         self.ids: list[str] = []
         self.exact: dict[int, int] = {}
         # Equal values a candidate needs: the estimate (equal / num_perm) is at least `threshold` (rounded
-        # first, so that 0.7 × 10 counts as 7 and not as the float just above it).
+        # first: 0.56 × 25 is 14.000000000000002 in floats, and 14 equal values are enough).
         self.values_needed = math.ceil(round(self.options.threshold * self.options.num_perm, 9))
 
     # --- per row, in the workers -------------------------------------------------------------------

@@ -122,6 +122,28 @@ def test_samples_without_text_are_kept(tmp_path: Path) -> None:
     assert all(v.keep for v in verdicts)
 
 
+def test_an_estimate_exactly_at_the_threshold_counts(tmp_path: Path) -> None:
+    """Agreeing on 14 of 25 values estimates a Jaccard of exactly 0.56, the threshold (0.56 × 25 is
+    14.000000000000002 in floats: the count needed must still be 14)."""
+    import numpy as np
+    import rensa
+
+    from curate.filters.text_dedup import SEED
+
+    def signature(text: str) -> np.ndarray:
+        minhash = rensa.RMinHash(num_perm=25, seed=SEED)
+        minhash.update(sorted(set(text.split())))
+        return np.asarray(minhash.digest())
+
+    first = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    seconds = (" ".join(first.split()[:8] + [f"{word}{k}" for word in "uvw"]) for k in range(1000))
+    second = next(text for text in seconds if (signature(text) == signature(first)).sum() == 14)
+    dedup = stage(tmp_path, shingle="word", shingle_size=1, num_perm=25, bands=25, threshold=0.56)
+    verdicts = dedup.process([question("a", first), question("b", second)])
+    assert [v.keep for v in verdicts] == [True, False]
+    assert "estimated Jaccard 0.56" in verdicts[1].detail
+
+
 def test_verdicts_equal_brute_force_jaccard_away_from_the_threshold(tmp_path: Path) -> None:
     """LSH finds every pair the exact all-pairs definition finds, when no pair sits close to the threshold."""
     rng = random.Random(3)
